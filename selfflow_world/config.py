@@ -1,0 +1,49 @@
+"""Hydra configs with dataclass schemas.
+
+YAML under ``configs/`` holds the values, a dataclass is the schema: :func:`load_config` composes
+``configs/<name>.yaml`` with command-line style ``key=value`` overrides, merges it into the schema
+(a typo in a key or a wrong type fails loudly) and returns the dataclass instance.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+from selfflow_world.errors import UserError
+
+T = TypeVar("T")
+
+
+def load_config(name: str, overrides: list[str], schema: type[T]) -> T:
+    """Compose ``configs/<name>.yaml`` with ``overrides`` into an instance of ``schema``."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"expected key=value, got {item!r} (example: steps=100)")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module("selfflow_world.configs", version_base="1.3"):
+            cfg = compose(config_name=name, overrides=list(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (OmegaConfBaseException, Exception) as err:  # hydra raises several unrelated types
+        if isinstance(err, UserError):
+            raise
+        text = str(err).split("full_key:")[0].split("Config search path")[0]  # drop context blocks
+        text = re.sub(r"To append to your config use \S+", f"no such key in the {name} config", text)
+        message = " ".join(text.split())
+        raise UserError(f"bad {name} config: {message}") from err
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def to_dict(cfg) -> dict:
+    """A dataclass config as a plain dict (for JSON)."""
+    from dataclasses import asdict
+
+    return asdict(cfg)

@@ -1,0 +1,18 @@
+"""One exception type for bad user input.
+
+Everything a user can get wrong (a config value, a path, a file) raises :class:`UserError` with a
+one-line message that names what was wrong and what is accepted. The CLI prints it as
+``sfw: error: <message>`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input from a user: the message is one line and says what is accepted."""
+
+
+def check_positive(name: str, value: int | float) -> None:
+    """Raise :class:`UserError` unless ``value`` is a positive number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"{name} must be a positive number, got {value!r}")
