@@ -1,0 +1,176 @@
+"""Building blocks of the video DiT: positions, timestep embedding, attention and adaLN-Zero blocks.
+
+Shapes: ``B`` batch, ``N`` tokens (frame-major), ``D`` width, ``h`` heads, ``d`` head dim.
+Conditioning is per token, ``c`` of shape ``(B, N, D)``, so every block modulates each token with its
+own noise level and action.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def sincos_2d(height: int, width: int, dim: int) -> Tensor:
+    """Fixed 2D sin-cos positions at unit scale, ``(height * width, dim)``, row-major.
+
+    The first half of the channels encodes the row, the second half the column. ``dim % 4 == 0``.
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+
+    def encode(pos: Tensor) -> Tensor:
+        angles = pos.reshape(-1, 1).to(torch.float64) * omega  # (hw, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (hw, dim/2)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()  # (hw, dim)
+
+
+def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of noise levels ``t`` in [0, 1]: ``(...,) -> (..., dim)`` (``dim`` even)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * scale * freqs  # (..., dim/2)
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """Rotary tables for integer positions ``(N,)``: ``cos, sin`` each ``(N, head_dim)``.
+
+    Used over the frame index only, so attention scores depend on relative frame offsets.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (N, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (N, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x (B, h, N, d)`` by the tables ``(N, d)`` (rotate-half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def frame_mask(query_frames: Tensor, key_frames: Tensor, window: int | None = None) -> Tensor:
+    """Block-causal attention mask ``(Nq, Nk)`` from frame indices: True where a query may attend.
+
+    A token attends to every token of its own frame and of earlier frames; with ``window`` only to
+    frames at most ``window`` frames back.
+    """
+    offset = query_frames[:, None] - key_frames[None, :]  # (Nq, Nk)
+    mask = offset >= 0
+    if window is not None:
+        mask = mask & (offset <= window)
+    return mask
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis with a learned gain (used on queries and keys)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with QK-norm, temporal RoPE and optional cached keys/values."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.q_norm = RMSNorm(width // heads)
+        self.k_norm = RMSNorm(width // heads)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend from ``x (B, N, D)`` to ``past`` keys/values (if any) followed by ``x`` itself.
+
+        ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
+        holds ``(B, h, M, d)`` keys and values, already rotated. Returns the output ``(B, N, D)`` and
+        the rotated keys and values of ``x``'s tokens ``(B, h, N, d)`` for a cache.
+        """
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        q = apply_rope(self.q_norm(q), cos, sin)  # (B, h, N, d)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, h, N, d)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation, per token: all of shape ``(B, N, D)``."""
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    """Transformer block with per-token adaLN-Zero: shift, scale and gate come from ``c (B, N, D)``."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
+        )
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(
+        self,
+        x: Tensor,
+        c: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """``x, c (B, N, D) -> (B, N, D)``, plus this block's keys/values of ``x``'s tokens."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
+        attended, kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, past)
+        x = x + gate1 * attended
+        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x, kv
+
+    def zero_init(self) -> None:
+        """Zero the modulation so the fresh block is the identity."""
+        nn.init.zeros_(self.modulation[-1].weight)
+        nn.init.zeros_(self.modulation[-1].bias)
+
+
+class FinalLayer(nn.Module):
+    """Per-token adaLN (shift, scale) and a linear map from width to one patch of pixels."""
+
+    def __init__(self, width: int, patch_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, patch_dim)
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """``x, c (B, N, D) -> (B, N, patch_dim)``."""
+        shift, scale = self.modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+    def zero_init(self) -> None:
+        """Zero modulation and output so a fresh model predicts exactly zero."""
+        for layer in (self.modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)

@@ -1,0 +1,453 @@
+"""The world model: a frame-causal video DiT with per-token adaLN-Zero conditioning.
+
+Conventions (DESIGN.md section 2):
+
+- Time is the noise level: ``x_t = (1 - t) * x + t * eps``, ``t = 0`` clean, ``t = 1`` pure noise;
+  velocity ``v = eps - x``. Clean history frames have ``t = 0``.
+- Video ``(B, T, C, H, W)`` in [-1, 1]; tokens ``(B, N, D)`` with ``N = T * L`` and
+  ``L = (H / p) * (W / p)`` tokens per frame, frame-major (all of frame 0, then frame 1, ...).
+- Actions ``(B, T, A)`` in [-1, 1], per frame: ``actions[:, j]`` produced frame ``j`` from frame
+  ``j - 1``, so it conditions frame ``j``'s tokens.
+- ``prev (B, T, C, H, W)``: the clean frame before each frame (``shift_frames``); each token gets a
+  linear embedding of the same patch of its previous frame, the first frame gets zeros.
+
+A token attends to its own frame and to earlier frames. Temporal positions are RoPE over the absolute
+frame index, so scores depend on frame offsets only and cached keys stay valid when a rollout window
+slides (``init_cache`` / ``append`` / ``step``).
+
+Parameter counts (``count_parameters``, action_dim 6): tiny 55.5k, small 5.83M, base 58.0M.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from selfflow_world.errors import UserError, check_positive
+from selfflow_world.layers import Block, FinalLayer, frame_mask, rope_cos_sin, sincos_2d, timestep_embedding
+
+PREDICTIONS = ("x", "v")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of :class:`WorldDiT`. ``image_size``, ``action_dim``, ``max_frames`` come from the data."""
+
+    image_size: int  # square frames, pixels
+    patch: int  # patch side, pixels
+    width: int  # token width D
+    depth: int  # number of blocks
+    heads: int
+    action_dim: int  # A
+    max_frames: int  # temporal context the model is trained for (history + targets)
+    channels: int = 3
+    mlp_ratio: float = 4.0
+    prediction: str = "x"  # "x": clean frame, "v": velocity eps - x
+    t_min: float = 0.05  # x -> v conversion divides by max(t, t_min)
+    prev_frame_path: bool = True  # add a linear embedding of the previous frame's same patch
+    action_input_path: bool = True  # add a linear embedding of the frame's action to its tokens
+    rope_base: float = 100.0  # temporal RoPE base; frame offsets are small
+
+    def __post_init__(self) -> None:
+        for name in (
+            "image_size",
+            "patch",
+            "width",
+            "depth",
+            "heads",
+            "action_dim",
+            "max_frames",
+            "channels",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model {name} must be a positive integer, got {value!r}")
+        check_positive("model mlp_ratio", self.mlp_ratio)
+        if self.image_size % self.patch:
+            raise UserError(f"model image_size {self.image_size} must be divisible by patch {self.patch}")
+        if self.width % self.heads or (self.width // self.heads) % 2 or self.width % 4:
+            raise UserError(
+                f"model width {self.width} must be divisible by 4 and by heads {self.heads}, "
+                "with an even head dim"
+            )
+        if self.prediction not in PREDICTIONS:
+            raise UserError(f"model prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if not 0 < self.t_min <= 1:
+            raise UserError(f"model t_min must be in (0, 1], got {self.t_min!r}")
+        if not self.rope_base > 1:
+            raise UserError(f"model rope_base must be > 1, got {self.rope_base!r}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2),  # tests
+    "small": dict(image_size=64, patch=8, width=224, depth=6, heads=4),  # CPU work, 64 tokens per frame
+    "base": dict(image_size=64, patch=4, width=512, depth=12, heads=8),  # GPU, 256 tokens per frame
+}
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    """The preset ``name`` with ``overrides``; ``action_dim`` and ``max_frames`` must be given."""
+    if name not in PRESETS:
+        raise UserError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise UserError(f"unknown model setting(s) {unknown}; accepted: {sorted(fields)}")
+    values = {**PRESETS[name], **overrides}
+    missing = [key for key in ("action_dim", "max_frames") if key not in values]
+    if missing:
+        raise UserError(f"model preset {name!r} needs {missing} (taken from the data)")
+    return ModelConfig(**values)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def shift_frames(clean: Tensor) -> Tensor:
+    """Previous frames ``(B, T, C, H, W)``: ``prev[:, 0] = 0``, ``prev[:, j] = clean[:, j - 1]``."""
+    return torch.cat([torch.zeros_like(clean[:, :1]), clean[:, :-1]], dim=1)
+
+
+def tokens_t(t: Tensor | float, batch: int, frames: int, tokens_per_frame: int) -> Tensor:
+    """Broadcast noise levels to tokens ``(B, N)``, ``N = frames * tokens_per_frame``.
+
+    Accepts a scalar, per-example ``(B,)``, per-frame ``(B, T)`` or per-token ``(B, N)`` levels.
+    """
+    t = torch.as_tensor(t, dtype=torch.float32)
+    n = frames * tokens_per_frame
+    if t.ndim == 0:
+        return t.expand(batch, n)
+    if t.shape == (batch,):
+        return repeat(t, "b -> b n", n=n)
+    if t.shape == (batch, n):
+        return t
+    if t.shape == (batch, frames):
+        return repeat(t, "b t -> b (t l)", l=tokens_per_frame)
+    raise ValueError(
+        f"noise levels of shape {tuple(t.shape)}; expected (), ({batch},), ({batch}, {frames}) or ({batch}, {n})"
+    )
+
+
+def expand_t(t: Tensor | float, shape: Sequence[int], patch: int) -> Tensor:
+    """Noise levels as a pixel map ``(B, T, 1, H, W)`` for video of ``shape = (B, T, C, H, W)``.
+
+    ``t`` is anything :func:`tokens_t` accepts; each token's level covers its ``patch x patch`` pixels.
+    """
+    b, frames, _, height, width = shape
+    gh, gw = height // patch, width // patch
+    t_tok = tokens_t(t, b, frames, gh * gw)
+    return repeat(t_tok, "b (t gh gw) -> b t 1 (gh ph) (gw pw)", t=frames, gh=gh, gw=gw, ph=patch, pw=patch)
+
+
+def to_velocity(pred: Tensor, x_t: Tensor, t: Tensor, prediction: str, t_min: float) -> Tensor:
+    """Velocity ``eps - x`` from a model output; ``t`` broadcastable to ``pred`` (e.g. ``expand_t``).
+
+    x-prediction: ``v = (x_t - x_hat) / max(t, t_min)``; v-prediction: the output itself.
+    """
+    if prediction == "v":
+        return pred
+    return (x_t - pred) / t.clamp(min=t_min)
+
+
+def to_clean(pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> Tensor:
+    """Clean-frame estimate from a model output: x-prediction as is, v-prediction ``x_t - t * v``."""
+    if prediction == "x":
+        return pred
+    return x_t - t * pred
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of history frames for rollouts (see :meth:`WorldDiT.append`).
+
+    Holds at most ``window`` frames; the oldest are dropped first. ``keys[l]``, ``values[l]`` are
+    ``(B, heads, frames * L, head_dim)``; ``start`` is the absolute index of the oldest cached frame;
+    ``last`` the most recently appended frame ``(B, C, H, W)``, the previous frame of the next one.
+    """
+
+    batch: int
+    window: int
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    start: int = 0
+    frames: int = 0
+    last: Tensor | None = None
+
+    @property
+    def next_index(self) -> int:
+        """Absolute frame index of the next frame to predict or append."""
+        return self.start + self.frames
+
+
+class WorldDiT(nn.Module):
+    """Frame-causal video DiT predicting clean frames (or velocities) per token.
+
+    ``generator`` seeds the weight initialisation (default: seed 0), so two models built from one
+    config and one seed are identical.
+    """
+
+    def __init__(self, config: ModelConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        p, d = config.patch, config.width
+        self.grid = config.image_size // p
+        self.tokens_per_frame = self.grid**2
+        patch_dim = config.channels * p * p
+        self.patch_embed = nn.Linear(patch_dim, d)
+        self.prev_embed = nn.Linear(patch_dim, d) if config.prev_frame_path else None
+        self.action_in = nn.Linear(config.action_dim, d) if config.action_input_path else None
+        self.register_buffer("pos", sincos_2d(self.grid, self.grid, d), persistent=False)  # (L, D)
+        self.time_freq_dim = 256
+        self.time_embed = nn.Sequential(nn.Linear(self.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.action_embed = nn.Sequential(nn.Linear(config.action_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(d, config.heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final = FinalLayer(d, patch_dim)
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """DiT initialisation: xavier linears, N(0, 0.02) embedding MLPs, zeroed modulation and head."""
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight, generator=generator)
+                nn.init.zeros_(module.bias)
+        for mlp in (self.time_embed, self.action_embed):
+            for layer in (mlp[0], mlp[2]):
+                nn.init.normal_(layer.weight, std=0.02, generator=generator)
+        for block in self.blocks:
+            block.zero_init()
+        self.final.zero_init()
+
+    # ----------------------------------------------------------------------------------------------
+    # pieces shared by the full forward and the cached rollout path
+
+    def _patchify(self, video: Tensor) -> Tensor:
+        """``(B, T, C, H, W) -> (B, N, C * p * p)``, frame-major, row-major within a frame."""
+        p = self.config.patch
+        return rearrange(video, "b t c (gh ph) (gw pw) -> b (t gh gw) (ph pw c)", ph=p, pw=p)
+
+    def _unpatchify(self, tokens: Tensor, frames: int) -> Tensor:
+        """``(B, N, C * p * p) -> (B, T, C, H, W)``."""
+        p = self.config.patch
+        return rearrange(
+            tokens, "b (t gh gw) (ph pw c) -> b t c (gh ph) (gw pw)", t=frames, gh=self.grid, ph=p, pw=p
+        )
+
+    def _embed(self, x: Tensor, t: Tensor | float, actions: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+        """Input tokens and per-token conditioning, both ``(B, N, D)``."""
+        b, frames = x.shape[:2]
+        expected = (b, frames, self.config.channels, self.config.image_size, self.config.image_size)
+        if tuple(x.shape) != expected or tuple(prev.shape) != expected:
+            raise ValueError(
+                f"x and prev must have shape {expected}, got {tuple(x.shape)}, {tuple(prev.shape)}"
+            )
+        if tuple(actions.shape) != (b, frames, self.config.action_dim):
+            raise ValueError(
+                f"actions must have shape {(b, frames, self.config.action_dim)}, got {tuple(actions.shape)}"
+            )
+        per_frame = "b t d -> b (t l) d"
+        h = self.patch_embed(self._patchify(x)) + self.pos.repeat(frames, 1)  # (B, N, D)
+        if self.prev_embed is not None:
+            h = h + self.prev_embed(self._patchify(prev))
+        if self.action_in is not None:
+            h = h + repeat(self.action_in(actions), per_frame, l=self.tokens_per_frame)
+        t_tok = tokens_t(t, b, frames, self.tokens_per_frame).to(x.device)  # (B, N)
+        c = self.time_embed(timestep_embedding(t_tok, self.time_freq_dim))  # (B, N, D)
+        c = c + repeat(self.action_embed(actions), per_frame, l=self.tokens_per_frame)
+        return h, c
+
+    def _frame_ids(self, first: int, frames: int, device: torch.device) -> Tensor:
+        """Absolute frame index of each token ``(frames * L,)``."""
+        ids = torch.arange(first, first + frames, device=device)
+        return ids.repeat_interleave(self.tokens_per_frame)
+
+    def _trunk(
+        self,
+        h: Tensor,
+        c: Tensor,
+        query_ids: Tensor,
+        mask: Tensor | None,
+        past: KVCache | None = None,
+        return_hidden: Sequence[int] = (),
+        stop_at: int | None = None,
+    ) -> tuple[Tensor, dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
+        """Run the blocks; returns the last hidden state, the requested hidden states and each
+        block's keys/values of the new tokens."""
+        depth = self.config.depth
+        last = depth if stop_at is None else stop_at
+        if not 1 <= last <= depth:
+            raise UserError(f"stop_at must be in [1, {depth}], got {stop_at!r}")
+        wanted = set(return_hidden)
+        if any(not 0 <= i <= last for i in wanted):
+            raise UserError(f"return_hidden indices must be in [0, {last}], got {sorted(wanted)}")
+        cos, sin = rope_cos_sin(query_ids, self.config.width // self.config.heads, self.config.rope_base)
+        hidden = {0: h} if 0 in wanted else {}
+        kvs = []
+        for index, block in enumerate(self.blocks[:last], start=1):
+            cached = (
+                (past.keys[index - 1], past.values[index - 1]) if past is not None and past.frames else None
+            )
+            h, kv = block(h, c, cos, sin, mask, cached)
+            kvs.append(kv)
+            if index in wanted:
+                hidden[index] = h
+        return h, hidden, kvs
+
+    # ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        actions: Tensor,
+        prev: Tensor,
+        *,
+        return_hidden: Sequence[int] = (),
+        stop_at: int | None = None,
+        frame_offset: int = 0,
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]] | dict[int, Tensor]:
+        """Predict every frame of a clip at once.
+
+        Args:
+            x: noisy frames ``(B, T, C, H, W)``, ``T <= max_frames``.
+            t: noise levels, per example ``(B,)``, per frame ``(B, T)`` or per token ``(B, N)``.
+            actions: ``(B, T, A)``, ``actions[:, j]`` produced frame ``j``.
+            prev: clean previous frames ``(B, T, C, H, W)``, usually ``shift_frames(clean)``.
+            return_hidden: block indices ``l`` whose output (hidden state after the ``l``-th block,
+                ``(B, N, D)``; 0 is the input embedding) to return as well.
+            stop_at: stop after block ``k`` and return only ``{l: hidden}`` (a teacher forward).
+            frame_offset: absolute index of the first frame (only relative offsets matter).
+
+        Returns:
+            the prediction ``(B, T, C, H, W)`` (clean frame or velocity, ``config.prediction``);
+            ``(prediction, hidden)`` when ``return_hidden`` is given; ``hidden`` when ``stop_at`` is.
+        """
+        frames = x.shape[1]
+        if frames > self.config.max_frames:
+            raise UserError(
+                f"clip of {frames} frames exceeds the model's max_frames {self.config.max_frames}"
+            )
+        h, c = self._embed(x, t, actions, prev)
+        ids = self._frame_ids(frame_offset, frames, x.device)
+        mask = frame_mask(ids, ids) if frames > 1 else None
+        wanted = tuple(return_hidden) + ((stop_at,) if stop_at is not None else ())
+        h, hidden, _ = self._trunk(h, c, ids, mask, return_hidden=wanted, stop_at=stop_at)
+        if stop_at is not None:
+            return hidden
+        out = self._unpatchify(self.final(h, c), frames)
+        return (out, hidden) if return_hidden else out
+
+    def velocity(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """Velocity from this model's output ``(B, T, C, H, W)``; ``t`` as in :meth:`forward`."""
+        t_pix = expand_t(t, x_t.shape, self.config.patch).to(x_t)
+        return to_velocity(pred, x_t, t_pix, self.config.prediction, self.config.t_min)
+
+    def clean(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
+        """Clean-frame estimate from this model's output ``(B, T, C, H, W)``."""
+        t_pix = expand_t(t, x_t.shape, self.config.patch).to(x_t)
+        return to_clean(pred, x_t, t_pix, self.config.prediction)
+
+    # ----------------------------------------------------------------------------------------------
+    # rollouts with a sliding-window KV cache; call these under torch.no_grad()
+
+    def init_cache(self, batch: int, window: int | None = None) -> KVCache:
+        """An empty cache keeping at most ``window`` history frames (default ``max_frames - 1``, so a
+        predicted frame and its history never exceed the trained context)."""
+        window = self.config.max_frames - 1 if window is None else window
+        if window < 1:
+            raise UserError(
+                f"cache window must be at least 1 frame, got {window} (max_frames {self.config.max_frames})"
+            )
+        return KVCache(batch=batch, window=window)
+
+    def _as_clip(self, cache: KVCache, frames: Tensor, actions: Tensor, prev: Tensor | None):
+        """Add a time axis to single frames and fill in ``prev`` from the cache."""
+        if frames.ndim == 4:
+            frames, actions = frames[:, None], actions[:, None]
+            prev = None if prev is None else prev[:, None]
+        if frames.shape[0] != cache.batch:
+            raise ValueError(f"batch of {frames.shape[0]} rows for a cache of {cache.batch}")
+        if prev is None:
+            first = torch.zeros_like(frames[:, 0]) if cache.last is None else cache.last
+            prev = torch.cat([first[:, None], frames[:, :-1]], dim=1)
+        return frames, actions, prev
+
+    def append(
+        self,
+        cache: KVCache,
+        frames: Tensor,
+        actions: Tensor,
+        prev: Tensor | None = None,
+        *,
+        t: Tensor | float = 0.0,
+        return_hidden: Sequence[int] = (),
+    ) -> dict[int, Tensor]:
+        """Encode history frames into ``cache`` (in place), sliding its window.
+
+        ``frames`` ``(B, T, C, H, W)`` or one frame ``(B, C, H, W)`` (with ``actions (B, T, A)`` or
+        ``(B, A)``) take the next absolute indices; ``prev`` defaults to ``cache.last`` followed by
+        ``frames[:, :-1]``; ``t`` defaults to 0 (clean; a small level stabilises generated history).
+        Each frame attends to at most ``window`` earlier frames, exactly as if appended one by one.
+        Returns the requested hidden states ``{l: (B, T * L, D)}``.
+        """
+        frames, actions, prev = self._as_clip(cache, frames, actions, prev)
+        count = frames.shape[1]
+        h, c = self._embed(frames, t, actions, prev)
+        query_ids = self._frame_ids(cache.next_index, count, frames.device)
+        key_ids = torch.cat([self._frame_ids(cache.start, cache.frames, frames.device), query_ids])
+        mask = frame_mask(query_ids, key_ids, cache.window) if count > 1 else None
+        _, hidden, kvs = self._trunk(h, c, query_ids, mask, past=cache, return_hidden=return_hidden)
+        keep = cache.window * self.tokens_per_frame
+        for layer, (k, v) in enumerate(kvs):
+            if cache.frames:
+                k, v = torch.cat([cache.keys[layer], k], dim=2), torch.cat([cache.values[layer], v], dim=2)
+            if layer < len(cache.keys):
+                cache.keys[layer], cache.values[layer] = k[:, :, -keep:], v[:, :, -keep:]
+            else:
+                cache.keys.append(k[:, :, -keep:])
+                cache.values.append(v[:, :, -keep:])
+        total = cache.frames + count
+        cache.frames = min(total, cache.window)
+        cache.start += total - cache.frames
+        cache.last = frames[:, -1]
+        return hidden
+
+    def step(
+        self,
+        cache: KVCache,
+        x_t: Tensor,
+        t: Tensor | float,
+        action: Tensor,
+        prev: Tensor | None = None,
+        *,
+        return_hidden: Sequence[int] = (),
+    ) -> Tensor | tuple[Tensor, dict[int, Tensor]]:
+        """Predict the frame after the cached history without writing to ``cache``.
+
+        Args:
+            x_t: the noisy next frame ``(B, C, H, W)`` at noise level ``t`` (``(B,)`` or per token
+                ``(B, L)``).
+            action: ``(B, A)``, the action that produces this frame from ``cache.last``.
+            prev: its clean previous frame ``(B, C, H, W)``, default ``cache.last``.
+
+        Returns the prediction ``(B, C, H, W)`` (and hidden states ``{l: (B, L, D)}`` if asked).
+        """
+        clip, actions, prev = self._as_clip(cache, x_t, action, prev)
+        h, c = self._embed(clip, t, actions, prev)
+        ids = self._frame_ids(cache.next_index, 1, x_t.device)
+        h, hidden, _ = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
+        out = self._unpatchify(self.final(h, c), 1)[:, 0]
+        return (out, hidden) if return_hidden else out

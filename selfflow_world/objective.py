@@ -1,0 +1,251 @@
+"""The Self-Flow objective for an action-conditioned world model, as pure functions.
+
+A training clip is ``history`` clean frames followed by target frames (DESIGN.md section 4). History
+tokens sit at ``t = 0`` (or a small ``t_hist ~ U[0, history_noise]`` per frame) and carry no loss.
+On target tokens:
+
+- ``flow``: one ``t ~ p(t)`` per example for every target token; velocity MSE.
+- ``dts``: Dual-Timestep Scheduling: ``t, s ~ p(t)`` per example, independent and unsorted; each
+  target token takes ``s`` with probability ``mask_ratio``, else ``t``. Velocity MSE, nothing else.
+- ``selfflow``: DTS plus a representation loss: an EMA teacher (no gradient) sees every target token
+  at ``min(t, s)`` (the cleaner level: ``t = 0`` is clean here) with the same noise, history,
+  actions and previous frames, stopped at block ``k``; the student's hidden state after block ``l``
+  goes through a :class:`Projector`; ``L = L_flow + gamma * mean(1 - cos)`` over target tokens only
+  (history tokens are identical for both, at the same noise level, and carry no signal).
+
+Every mode draws the same random numbers in the same order (noise, ``t``, ``s``, mask, history
+levels), so runs of different modes with one seed share their noise and their ``t``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from einops import repeat
+from torch import Tensor, nn
+
+from selfflow_world.errors import UserError
+from selfflow_world.model import expand_t, shift_frames, to_velocity
+
+MODES = ("flow", "dts", "selfflow")
+TIME_DISTS = ("uniform", "logit_normal")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Settings of :func:`compute_loss` (and of the trainer's EMA teacher)."""
+
+    mode: str = "selfflow"  # "flow" | "dts" | "selfflow"
+    mask_ratio: float = 0.25  # R_M: probability that a target token takes the second timestep s
+    time_dist: str = "uniform"  # p(t): "uniform" | "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0  # t' = shift * t / (1 + (shift - 1) * t); > 1 moves mass towards noise
+    student_layer: int | None = None  # l, 1-based; None: round(0.3 * depth)
+    teacher_layer: int | None = None  # k, 1-based; None: round(0.7 * depth)
+    gamma: float = 0.8  # weight of the representation loss
+    history_noise: float = 0.0  # history frames get t_hist ~ U[0, history_noise]
+    ema_decay: float = 0.999  # teacher EMA decay after warm-up
+    ema_warmup: int = 0  # steps over which the EMA window grows linearly to 1 / (1 - ema_decay)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UserError(f"objective mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.mask_ratio <= 0.5:
+            raise UserError(f"objective mask_ratio must be in [0, 0.5], got {self.mask_ratio!r}")
+        if self.time_dist not in TIME_DISTS:
+            raise UserError(f"objective time_dist must be one of {TIME_DISTS}, got {self.time_dist!r}")
+        if not self.logit_std > 0 or not self.shift > 0:
+            raise UserError(
+                f"objective logit_std and shift must be > 0, got {self.logit_std!r}, {self.shift!r}"
+            )
+        for name in ("student_layer", "teacher_layer"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"objective {name} must be a block index >= 1 or None, got {value!r}")
+        if not self.gamma >= 0:
+            raise UserError(f"objective gamma must be >= 0, got {self.gamma!r}")
+        if not 0.0 <= self.history_noise <= 1.0:
+            raise UserError(f"objective history_noise must be in [0, 1], got {self.history_noise!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"objective ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not isinstance(self.ema_warmup, int) or self.ema_warmup < 0:
+            raise UserError(f"objective ema_warmup must be a step count >= 0, got {self.ema_warmup!r}")
+
+    def resolve_layers(self, depth: int) -> tuple[int, int]:
+        """Student and teacher block ``(l, k)`` for a model of ``depth`` blocks, ``1 <= l < k <= depth``.
+
+        Defaults are ``round(0.3 * depth)`` and ``round(0.7 * depth)``, moved apart where rounding
+        makes them meet (depth 2 gives (1, 2)).
+        """
+        student = self.student_layer if self.student_layer is not None else max(1, round(0.3 * depth))
+        teacher = (
+            self.teacher_layer if self.teacher_layer is not None else max(student + 1, round(0.7 * depth))
+        )
+        if not 1 <= student < teacher <= depth:
+            raise UserError(
+                f"objective needs 1 <= student_layer < teacher_layer <= depth {depth}, "
+                f"got student_layer={student}, teacher_layer={teacher}"
+            )
+        return student, teacher
+
+
+class Projector(nn.Module):
+    """``Linear(d, 2d) - SiLU - Linear(2d, d)`` on the student's features ``(B, N, d)``."""
+
+    def __init__(self, width: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, width))
+        generator = torch.Generator().manual_seed(0) if generator is None else generator
+        for layer in (self.net[0], self.net[2]):
+            nn.init.xavier_uniform_(layer.weight, generator=generator)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _rand(
+    shape: tuple[int, ...], generator: torch.Generator, device: torch.device, normal: bool = False
+) -> Tensor:
+    """Uniform [0, 1) or standard normal draw on the generator's device, moved to ``device``."""
+    draw = torch.randn if normal else torch.rand
+    return draw(shape, generator=generator, device=generator.device).to(device)
+
+
+def sample_times(
+    n: int, cfg: ObjectiveConfig, generator: torch.Generator, device: torch.device | str
+) -> Tensor:
+    """``n`` noise levels ``(n,)`` from p(t): uniform or logit-normal, then the SD3/Flux shift."""
+    if cfg.time_dist == "uniform":
+        t = _rand((n,), generator, torch.device(device))
+    else:
+        t = torch.sigmoid(
+            cfg.logit_mean + cfg.logit_std * _rand((n,), generator, torch.device(device), normal=True)
+        )
+    return cfg.shift * t / (1 + (cfg.shift - 1) * t)
+
+
+def make_noisy(frames: Tensor, eps: Tensor, t: Tensor | float, patch: int) -> Tensor:
+    """``x_t = (1 - t) * x + t * eps`` for video ``(B, T, C, H, W)``.
+
+    ``t`` per example ``(B,)``, per frame ``(B, T)`` or per token ``(B, N)``; each token's level covers
+    its ``patch x patch`` pixels.
+    """
+    t_pix = expand_t(t, frames.shape, patch).to(frames)  # (B, T, 1, H, W)
+    return (1 - t_pix) * frames + t_pix * eps
+
+
+def ema_decay_at(step: int, cfg: ObjectiveConfig) -> float:
+    """Teacher EMA decay at optimizer step ``step`` (0-based).
+
+    Without warm-up, ``cfg.ema_decay``. With ``ema_warmup = W`` steps the averaging window
+    ``1 / (1 - decay)`` grows linearly from 1 (decay 0: the teacher copies the student) at step 0 to
+    ``1 / (1 - ema_decay)`` at step ``W``, so a short run is not stuck with a stale teacher.
+    """
+    if cfg.ema_warmup == 0 or step >= cfg.ema_warmup:
+        return cfg.ema_decay
+    window = 1.0 + (step / cfg.ema_warmup) * (1.0 / (1.0 - cfg.ema_decay) - 1.0)
+    return 1.0 - 1.0 / window
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """``teacher = decay * teacher + (1 - decay) * student`` for parameters; buffers are copied."""
+    for t_param, s_param in zip(teacher.parameters(), student.parameters(), strict=True):
+        t_param.lerp_(s_param.detach(), 1.0 - decay)
+    for t_buf, s_buf in zip(teacher.buffers(), student.buffers(), strict=True):
+        t_buf.copy_(s_buf)
+
+
+def make_teacher(student: nn.Module) -> nn.Module:
+    """A frozen copy of the student to be updated by :func:`ema_update`."""
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def compute_loss(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    cfg: ObjectiveConfig,
+    generator: torch.Generator,
+    *,
+    teacher: nn.Module | None = None,
+    projector: nn.Module | None = None,
+    history: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training loss of one batch.
+
+    Args:
+        model: the student :class:`~selfflow_world.model.WorldDiT` (or a DDP / compiled wrapper).
+        batch: ``frames (B, T, C, H, W)`` in [-1, 1] and ``actions (B, T, A)``.
+        cfg: the objective settings.
+        generator: every random draw comes from it (it may live on another device than the batch).
+        teacher: the EMA teacher (mode ``selfflow`` only), run without gradient.
+        projector: :class:`Projector` on the student's features (mode ``selfflow`` only).
+        history: number of leading history frames, ``0 <= history < T``; the rest are targets.
+
+    Returns:
+        the loss (scalar, with gradient) and detached metrics: ``loss``, ``flow_loss``, ``t_mean``
+        (mean level of target tokens), ``s_frac`` (share of target tokens at ``s``), and in mode
+        ``selfflow`` ``rep_loss`` and ``teacher_t_mean``.
+    """
+    core = getattr(model, "module", model)  # DDP keeps the model under .module
+    mcfg = core.config
+    frames, actions = batch["frames"], batch["actions"]
+    b, total = frames.shape[:2]
+    if not 0 <= history < total:
+        raise UserError(f"history must be in [0, {total - 1}] for clips of {total} frames, got {history}")
+    selfflow = cfg.mode == "selfflow"
+    if selfflow and (teacher is None or projector is None):
+        raise UserError("objective mode 'selfflow' needs a teacher and a projector")
+    tokens = core.tokens_per_frame
+    n_hist, n_target = history * tokens, (total - history) * tokens
+    device = frames.device
+
+    eps = _rand(tuple(frames.shape), generator, device, normal=True).to(frames.dtype)
+    t = sample_times(b, cfg, generator, device)  # (B,)
+    s = sample_times(b, cfg, generator, device)  # (B,)
+    use_s = _rand((b, n_target), generator, device) < cfg.mask_ratio  # (B, F * L)
+    t_hist = repeat(_rand((b, history), generator, device) * cfg.history_noise, "b h -> b (h l)", l=tokens)
+
+    if cfg.mode == "flow":
+        use_s = torch.zeros_like(use_s)
+    t_target = torch.where(use_s, s[:, None], t[:, None])  # (B, F * L)
+    t_tok = torch.cat([t_hist, t_target], dim=1)  # (B, N)
+    x_t = make_noisy(frames, eps, t_tok, mcfg.patch)
+    # previous frames: the history as the model sees it, then clean targets (teacher forcing)
+    prev = shift_frames(torch.cat([x_t[:, :history], frames[:, history:]], dim=1))
+
+    if selfflow:
+        student_layer, teacher_layer = cfg.resolve_layers(mcfg.depth)
+        pred, hidden = model(x_t, t_tok, actions, prev, return_hidden=(student_layer,))
+    else:
+        pred = model(x_t, t_tok, actions, prev)
+    t_pix = expand_t(t_tok, frames.shape, mcfg.patch).to(frames)
+    v_pred = to_velocity(pred, x_t, t_pix, mcfg.prediction, mcfg.t_min)
+    flow_loss = (v_pred - (eps - frames))[:, history:].float().pow(2).mean()
+    loss = flow_loss
+    metrics = {
+        "flow_loss": flow_loss.detach(),
+        "t_mean": t_target.mean(),
+        "s_frac": use_s.float().mean(),
+    }
+
+    if selfflow:
+        t_teacher = torch.cat([t_hist, torch.minimum(t, s)[:, None].expand(b, n_target)], dim=1)  # (B, N)
+        with torch.no_grad():
+            x_teacher = make_noisy(frames, eps, t_teacher, mcfg.patch)
+            target = teacher(x_teacher, t_teacher, actions, prev, stop_at=teacher_layer)[teacher_layer]
+        student = projector(hidden[student_layer][:, n_hist:])  # (B, F * L, D)
+        cos = nn.functional.cosine_similarity(student.float(), target[:, n_hist:].float(), dim=-1)
+        rep_loss = (1 - cos).mean()
+        loss = loss + cfg.gamma * rep_loss
+        metrics["rep_loss"] = rep_loss.detach()
+        metrics["teacher_t_mean"] = t_teacher[:, n_hist:].mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
