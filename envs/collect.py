@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-
-from selfflow_world import __version__
 from selfflow_world.envs.pixel_env import PixelEnv, make
 from selfflow_world.envs.policies import PolicyConfig, make_policy
 from selfflow_world.envs.registry import defaults_for
+
+from selfflow_world import __version__
 from selfflow_world.episodes import (
     MANIFEST,
     SCHEMA_VERSION,
@@ -80,7 +80,9 @@ def episode_seeds(seed: int, index: int) -> tuple[int, np.random.Generator]:
     return int(env_ss.generate_state(1)[0]), np.random.default_rng(policy_ss)
 
 
-def run_episode(env: PixelEnv, policy, seed: int, index: int, steps: int) -> tuple[dict[str, np.ndarray], int]:
+def run_episode(
+    env: PixelEnv, policy, seed: int, index: int, steps: int
+) -> tuple[dict[str, np.ndarray], int]:
     """Roll out one episode; returns its arrays and its env reset seed."""
     env_seed, rng = episode_seeds(seed, index)
     obs, info = env.reset(seed=env_seed)
@@ -145,6 +147,10 @@ _WORKER: _Collector | None = None
 
 def _init_worker(cfg: CollectConfig) -> None:
     global _WORKER
+    if cfg.policy.name == "sb3":
+        import torch
+
+        torch.set_num_threads(1)  # one core per worker process (never in the caller's process)
     _WORKER = _Collector(cfg)
 
 
@@ -196,7 +202,9 @@ def prepare_dataset(cfg: CollectConfig) -> list[int]:
             )
     else:
         if out.exists() and any(out.iterdir()):
-            raise UserError(f"out={out} is a non-empty directory without {MANIFEST}; choose a new or dataset directory")
+            raise UserError(
+                f"out={out} is a non-empty directory without {MANIFEST}; choose a new or dataset directory"
+            )
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / MANIFEST, wanted)
     remove_partial_episodes(out)

@@ -21,8 +21,8 @@ from typing import Any
 import gymnasium as gym
 import mujoco
 import numpy as np
-
 from selfflow_world.envs.registry import defaults_for, dmc_domain_task, parse_name
+
 from selfflow_world.errors import UserError, check_positive
 
 FULL_STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS
@@ -123,6 +123,10 @@ class _GymBackend:
 
     def step(self, action: np.ndarray) -> tuple[float, bool, bool]:
         self._observation, reward, terminated, truncated, _ = self.env.step(action)
+        # mj_step leaves body poses (what the renderer draws) one substep behind qpos; recompute them
+        # so the frame shows the physics state recorded with it, as after a restore. The trajectory
+        # is unchanged: mj_step recomputes all of it and mj_forward leaves the warm start alone.
+        mujoco.mj_forward(self.model, self.data)
         return float(reward), bool(terminated), bool(truncated)
 
     def render(self) -> np.ndarray:
@@ -184,7 +188,9 @@ class PixelEnv(gym.Env):
             raise RuntimeError(f"{self.name}: call reset() before step() (and after an episode ends)")
         action = np.asarray(action, dtype=np.float32)
         if action.shape != self.action_space.shape:
-            raise UserError(f"{self.name}: action has shape {action.shape}, expected {self.action_space.shape}")
+            raise UserError(
+                f"{self.name}: action has shape {action.shape}, expected {self.action_space.shape}"
+            )
         action = np.clip(action, self.action_space.low, self.action_space.high)
         total, terminated, truncated = 0.0, False, False
         for _ in range(self.action_repeat):

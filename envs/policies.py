@@ -53,7 +53,9 @@ class PolicyConfig:
             if not self.sb3_path:
                 raise UserError("policy=sb3 needs sb3_path=<path to a stable-baselines3 .zip>")
             if not Path(self.sb3_path).is_file():
-                raise UserError(f"sb3_path {self.sb3_path!r} is not a file; expected a stable-baselines3 .zip")
+                raise UserError(
+                    f"sb3_path {self.sb3_path!r} is not a file; expected a stable-baselines3 .zip"
+                )
             if not 0.0 <= self.sb3_noise <= 1.0:
                 raise UserError(f"sb3_noise must be in [0, 1], got {self.sb3_noise}")
 
@@ -69,7 +71,9 @@ def colored_noise(rng: np.random.Generator, beta: float, steps: int, dim: int) -
     freqs = np.fft.rfftfreq(steps)
     freqs[0] = freqs[1] if steps > 1 else 1.0
     scale = freqs ** (-beta / 2.0)
-    spectrum = scale[:, None] * (rng.standard_normal((len(freqs), dim)) + 1j * rng.standard_normal((len(freqs), dim)))
+    spectrum = scale[:, None] * (
+        rng.standard_normal((len(freqs), dim)) + 1j * rng.standard_normal((len(freqs), dim))
+    )
     signal = np.fft.irfft(spectrum, n=steps, axis=0)
     return (signal - signal.mean(0)) / (signal.std(0) + 1e-8)
 
@@ -115,7 +119,9 @@ class NoisePolicy(_Scaled):
         if self.cfg.noise_kind == "colored":
             unit = self.sequence[min(self.k, len(self.sequence) - 1)]
         else:
-            self.x = self.x - self.cfg.ou_theta * self.x + self.cfg.ou_sigma * self.rng.standard_normal(self.dim)
+            self.x = (
+                self.x - self.cfg.ou_theta * self.x + self.cfg.ou_sigma * self.rng.standard_normal(self.dim)
+            )
             unit = self.x
         self.k += 1
         return self.scale(unit)
@@ -146,9 +152,6 @@ class SB3Policy(_Scaled):
 
     def __init__(self, low, high, cfg: PolicyConfig):
         super().__init__(low, high)
-        import torch
-
-        torch.set_num_threads(1)  # one core per collection worker
         self.cfg = cfg
         self.model = load_sb3_model(cfg.sb3_path, cfg.sb3_algo)
         self.obs_shape = tuple(self.model.observation_space.shape)

@@ -49,7 +49,10 @@ _GYM_DEFAULTS: dict[str, EnvDefaults] = {
         action_repeat=2,
         make_kwargs={
             "default_camera_config": {
-                "trackbodyid": 0, "distance": 0.6, "elevation": -90.0, "azimuth": 90.0,
+                "trackbodyid": 0,
+                "distance": 0.6,
+                "elevation": -90.0,
+                "azimuth": 90.0,
                 "lookat": (0.0, 0.0, 0.0),
             }
         },

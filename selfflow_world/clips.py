@@ -69,7 +69,9 @@ def scan_dataset(root: Path, *, skip_corrupt: bool = False) -> tuple[dict, list[
                 raise UserError(f"corrupt episode: {err} (pass skip_corrupt=true to skip it)") from err
             warnings.warn(f"skipping corrupt episode: {err}", stacklevel=2)
     if not infos:
-        raise UserError(f"dataset {root} holds no complete episodes; collect some with `sfw collect out={root}`")
+        raise UserError(
+            f"dataset {root} holds no complete episodes; collect some with `sfw collect out={root}`"
+        )
     first = infos[0]
     for info in infos[1:]:
         if info.frame_shape != first.frame_shape or info.action_dim != first.action_dim:
@@ -121,6 +123,12 @@ class ClipDataset(Dataset):
         for pos, info in enumerate(self.episodes):
             last_start = info.steps + 1 - self.spec.length
             self.index.extend((pos, s) for s in range(0, last_start + 1, self.spec.stride))
+        if self.episodes and not self.index:
+            longest = max(info.steps + 1 for info in self.episodes)
+            raise UserError(
+                f"clips of {self.spec.length} frames (history + future) do not fit in any {split} episode "
+                f"of {self.root} (the longest has {longest} frames); shorten the clips or collect longer episodes"
+            )
         self._cache: dict[int, dict[str, np.ndarray]] = {}
 
     def __len__(self) -> int:

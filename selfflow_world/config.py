@@ -37,6 +37,9 @@ def load_config(name: str, overrides: list[str], schema: type[T]) -> T:
         text = str(err).split("full_key:")[0].split("Config search path")[0]  # drop context blocks
         text = re.sub(r"To append to your config use \S+", f"no such key in the {name} config", text)
         message = " ".join(text.split())
+        key = getattr(err, "full_key", None)  # OmegaConf type errors name the key only here
+        if key and f"'{key}'" not in message:
+            message = f"{key}: {message}"
         raise UserError(f"bad {name} config: {message}") from err
     finally:
         GlobalHydra.instance().clear()

@@ -159,7 +159,9 @@ def read_manifest(root: Path) -> dict[str, Any]:
     """The dataset manifest; :class:`UserError` if the directory is not a dataset."""
     root = Path(root)
     if not root.exists():
-        raise UserError(f"dataset directory {root} does not exist (make one with `sfw collect ... out={root}`)")
+        raise UserError(
+            f"dataset directory {root} does not exist (make one with `sfw collect ... out={root}`)"
+        )
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; expected a dataset directory made by `sfw collect`")
     path = root / MANIFEST
@@ -200,7 +202,9 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from an .npy header; ValueError if the file is truncated or not .npy."""
     with open(path, "rb") as f:
         major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        read_header = (
+            np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        )
         shape, _, dtype = read_header(f)
         offset = f.tell()
     needed = offset + int(np.prod(shape)) * dtype.itemsize

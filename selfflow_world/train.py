@@ -1,0 +1,566 @@
+"""Self-Flow world-model training: ``sfw train key=value ...`` or, on several processes,
+``torchrun --nproc_per_node=N -m selfflow_world.train key=value ...`` (DDP; gloo on CPU, NCCL on CUDA).
+
+What makes a run trustworthy over a week of GPU time:
+- every random draw comes from generators derived from ``seed`` and saved in checkpoints; the data
+  order is a pure function of (seed, step), so ``resume=true`` continues the exact loss curve;
+- checkpoints are written atomically and the newest ``keep`` kept; a non-finite loss stops the run
+  with the step that went bad, and never overwrites the last good checkpoint;
+- the EMA weights (the Self-Flow teacher) are what validation and sample videos use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from selfflow_world import __version__
+from selfflow_world.checkpoint import (
+    latest_checkpoint,
+    load_train_state,
+    load_weights,
+    read_meta,
+    save_checkpoint,
+)
+from selfflow_world.clips import ClipDataset, ClipSpec
+from selfflow_world.episodes import manifest_fingerprint
+from selfflow_world.errors import UserError
+from selfflow_world.logger import Logger
+from selfflow_world.model import ModelConfig, WorldDiT, count_parameters, model_config
+from selfflow_world.objective import (
+    ObjectiveConfig,
+    Projector,
+    compute_loss,
+    ema_decay_at,
+    ema_update,
+    make_teacher,
+)
+
+
+class TrainingError(UserError):
+    """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
+
+
+@dataclass
+class ModelChoice:
+    """A size preset plus optional overrides (None keeps the preset's value)."""
+
+    preset: str = "small"
+    patch: Optional[int] = None  # noqa: UP045 - OmegaConf needs Optional
+    width: Optional[int] = None  # noqa: UP045
+    depth: Optional[int] = None  # noqa: UP045
+    heads: Optional[int] = None  # noqa: UP045
+    mlp_ratio: Optional[float] = None  # noqa: UP045
+    prediction: Optional[str] = None  # noqa: UP045
+    prev_frame_path: Optional[bool] = None  # noqa: UP045
+    action_input_path: Optional[bool] = None  # noqa: UP045
+
+    def build(self, **from_data: Any) -> ModelConfig:
+        overrides = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
+        return model_config(self.preset, **overrides, **from_data)
+
+
+@dataclass
+class TrainConfig:
+    """``sfw train`` settings; values and their documentation live in configs/train.yaml."""
+
+    data: str = "data/reacher"
+    out: str = "runs/reacher"
+    steps: int = 20000
+    resume: bool = False
+    seed: int = 0
+    model: ModelChoice = field(default_factory=ModelChoice)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    history: int = 2
+    future: int = 1
+    stride: int = 1
+    val_fraction: float = 0.1
+    skip_corrupt: bool = False
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup: int = 500
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    num_workers: int = 0
+    device: str = "auto"
+    bf16: bool = True
+    compile: bool = False
+    log_every: int = 10
+    val_every: int = 500
+    val_batches: int = 8
+    sample_every: int = 1000
+    sample_frames: int = 8
+    sample_steps: int = 4
+    ckpt_every: int = 500
+    keep: int = 3
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "history",
+            "future",
+            "stride",
+            "log_every",
+            "val_every",
+            "val_batches",
+            "sample_every",
+            "sample_frames",
+            "sample_steps",
+            "ckpt_every",
+            "keep",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.warmup < 0 or self.num_workers < 0:
+            raise UserError(f"warmup and num_workers must be >= 0, got {self.warmup}, {self.num_workers}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not self.grad_clip > 0:
+            raise UserError(
+                f"need lr > 0, min_lr_ratio in [0, 1], grad_clip > 0; got {self.lr}, {self.min_lr_ratio}, "
+                f"{self.grad_clip}"
+            )
+
+
+# -- pure pieces -------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Dataset indices of ``step``'s batch on ``rank``: a pure function of (seed, step).
+
+    The stream is epoch after epoch of seeded permutations of ``range(n)``; each step takes
+    ``batch * world`` consecutive entries and this rank the ``rank``-th share.
+    """
+    per_step = batch * world
+    first = step * per_step + rank * batch
+    out = []
+    for pos in range(first, first + batch):
+        epoch, offset = divmod(pos, n)
+        perm = _permutation(n, seed, epoch)
+        out.append(int(perm[offset]))
+    return out
+
+
+_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    key = (n, seed, epoch)
+    if key not in _PERM_CACHE:
+        if len(_PERM_CACHE) > 4:
+            _PERM_CACHE.clear()
+        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
+    return _PERM_CACHE[key]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch sampler yielding :func:`batch_indices` for steps ``start, start+1, ..., total-1``."""
+
+    def __init__(self, n: int, batch: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1):
+        self.args = (n, batch, seed, rank, world)
+        self.start, self.total = start, total
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self):
+        n, batch, seed, rank, world = self.args
+        for step in range(self.start, self.total):
+            yield batch_indices(n, batch, step, seed, rank, world)
+
+
+def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """uint8 frames (B, T, 3, H, W) -> float in [-1, 1] on ``device``; actions to ``device``."""
+    frames = batch["frames"].to(device, non_blocking=True).float() / 127.5 - 1.0
+    return {"frames": frames, "actions": batch["actions"].to(device, non_blocking=True)}
+
+
+# -- setup ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
+    """DDP when launched by torchrun (WORLD_SIZE > 1), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device_setting == "auto" else device_setting.startswith("cuda")
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        info = Dist(dist.get_rank(), dist.get_world_size(), local)
+        device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return info, device
+    if device_setting == "auto":
+        device = torch.device("cuda" if use_cuda else "cpu")
+    else:
+        try:
+            device = torch.device(device_setting)
+        except RuntimeError as err:
+            raise UserError(f"device {device_setting!r} is not valid; use auto, cpu, cuda or cuda:N") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device={device_setting} but CUDA is not available here; use device=cpu or auto")
+    return Dist(), device
+
+
+def _check_data_matches(model_cfg: dict[str, Any], image: int, action_dim: int, ckpt: Path) -> None:
+    if model_cfg["image_size"] != image or model_cfg["action_dim"] != action_dim:
+        raise UserError(
+            f"dataset frames {image}x{image} with action dim {action_dim} do not match checkpoint {ckpt} "
+            f"(frames {model_cfg['image_size']}, action dim {model_cfg['action_dim']})"
+        )
+
+
+class Trainer:
+    """Owns the model, its EMA, the optimizer and the loop. Build with a :class:`TrainConfig`."""
+
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.dist, self.device = init_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        spec = ClipSpec(cfg.history, cfg.future, cfg.stride, cfg.val_fraction, cfg.seed, cfg.skip_corrupt)
+        self.train_set = ClipDataset(cfg.data, spec, "train")
+        self.val_set = ClipDataset(cfg.data, spec, "val") if cfg.val_fraction > 0 else None
+        if len(self.train_set) == 0:
+            raise UserError(
+                f"dataset {cfg.data} has no training clip of {spec.length} frames; collect longer episodes "
+                "or lower history/future"
+            )
+        h, w, _ = self.train_set.frame_shape
+        if h != w:
+            raise UserError(f"frames must be square for the model, dataset {cfg.data} has {h}x{w}")
+        self.fingerprint = manifest_fingerprint(Path(cfg.data))
+
+        resume_from = self._resume_checkpoint()
+        if resume_from is not None:
+            saved = read_meta(resume_from)["model_config"]
+            _check_data_matches(saved, h, self.train_set.action_dim, resume_from)
+        self.model_cfg = cfg.model.build(
+            image_size=h, action_dim=self.train_set.action_dim, max_frames=spec.length
+        )
+        self.layers = (
+            cfg.objective.resolve_layers(self.model_cfg.depth) if cfg.objective.mode == "selfflow" else None
+        )
+
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.model = WorldDiT(self.model_cfg, generator=gen).to(self.device)
+        self.ema = make_teacher(self.model)
+        self.projector = (
+            Projector(self.model_cfg.width, generator=gen).to(self.device)
+            if cfg.objective.mode == "selfflow"
+            else None
+        )
+        params = list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
+        )
+        # loss randomness: one generator per rank, on the training device
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1009 + 17 + self.dist.rank)
+        self.step = 0
+        if resume_from is not None:
+            self._load(resume_from)
+
+        self.train_model: torch.nn.Module = self.model
+        if self.dist.world > 1:
+            ddp_args = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, **ddp_args)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.autocast = self.device.type == "cuda" and cfg.bf16
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _resume_checkpoint(self) -> Path | None:
+        existing = latest_checkpoint(self.out)
+        if existing is None:
+            return None
+        if not self.cfg.resume:
+            raise UserError(
+                f"{self.out} already holds checkpoints (newest {existing.name}); pass resume=true to continue "
+                "that run, or choose another out="
+            )
+        return existing
+
+    def _load(self, ckpt: Path) -> None:
+        meta = read_meta(ckpt)
+        load_weights(ckpt, "model", self.model)
+        load_weights(ckpt, "ema", self.ema)
+        if self.projector is not None:
+            load_weights(ckpt, "projector", self.projector)
+        state = load_train_state(ckpt)
+        if state.get("objective_mode") != self.cfg.objective.mode:
+            raise UserError(
+                f"checkpoint {ckpt} was trained with objective={state.get('objective_mode')}, "
+                f"this run asks for objective={self.cfg.objective.mode}"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        gens = state["generators"]
+        self.generator.set_state(gens[self.dist.rank] if self.dist.rank < len(gens) else gens[0])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(meta["step"])
+        if meta.get("dataset_fingerprint") != self.fingerprint and self.dist.main:
+            print(f"note: dataset {self.cfg.data} changed since {ckpt.name} was written", file=sys.stderr)
+
+    def save(self, metrics: dict[str, float] | None = None) -> Path | None:
+        gens = [self.generator.get_state()]
+        if self.dist.world > 1:
+            gathered: list[Any] = [None] * self.dist.world
+            dist.all_gather_object(gathered, self.generator.get_state())
+            gens = gathered
+        if not self.dist.main:
+            return None
+        modules = {"model": self.model, "ema": self.ema}
+        if self.projector is not None:
+            modules["projector"] = self.projector
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generators": gens,
+            "torch_rng": torch.get_rng_state(),
+            "objective_mode": self.cfg.objective.mode,
+        }
+        meta = {
+            "config": asdict(self.cfg),
+            "model_config": asdict(self.model_cfg),
+            "dataset": str(Path(self.cfg.data).resolve()),
+            "dataset_fingerprint": self.fingerprint,
+            "action_low": self.train_set.manifest["action_low"],
+            "action_high": self.train_set.manifest["action_high"],
+            "env": self.train_set.manifest["env"],
+            "metrics": metrics or {},
+            "library_version": __version__,
+        }
+        return save_checkpoint(self.out, self.step, modules, state, meta, keep=self.cfg.keep)
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        sampler = StepBatches(
+            len(self.train_set),
+            self.cfg.batch_size,
+            self.cfg.seed,
+            self.step,
+            self.cfg.steps,
+            self.dist.rank,
+            self.dist.world,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        self.model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            loss, metrics = compute_loss(
+                self.train_model,
+                batch,
+                self.cfg.objective,
+                self.generator,
+                teacher=self.ema,
+                projector=self.projector,
+                history=self.cfg.history,
+            )
+        if not torch.isfinite(loss):
+            newest = latest_checkpoint(self.out)
+            kept = (
+                f"the last good checkpoint {newest} is intact" if newest else "no checkpoint was written yet"
+            )
+            raise TrainingError(
+                f"loss became {loss.item()} at step {self.step + 1}; stopped, {kept}. Try a lower lr= or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        ema_update(self.ema, self.model, ema_decay_at(self.step, self.cfg.objective))
+        self.step += 1
+        out = {k: float(v) for k, v in metrics.items()}
+        out["grad_norm"] = float(grad_norm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        if self.step >= cfg.steps:
+            if self.dist.main:
+                print(f"{self.out} is already at step {self.step} >= steps={cfg.steps}; nothing to do")
+            return {}
+        logger = Logger(
+            self.out,
+            total=cfg.steps,
+            start_step=self.step,
+            tensorboard=cfg.tensorboard,
+            enabled=self.dist.main,
+        )
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            logger.message(
+                f"model {cfg.model.preset}: {count_parameters(self.model) / 1e6:.2f}M params, "
+                f"{self.model_cfg.tokens_per_frame} tokens/frame; objective {cfg.objective.mode}; "
+                f"{len(self.train_set)} train clips; device {self.device}; world {self.dist.world}"
+                + (f"; resumed at step {self.step}" if self.step else "")
+            )
+        last: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), self.step
+        try:
+            for raw in self._loader():
+                last = self.train_step(to_model_batch(raw, self.device))
+                step, row = self.step, {}
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    speed = (step - tick_step) / max(now - tick, 1e-9)
+                    tick, tick_step = now, step
+                    row.update(last)
+                    logger.progress(step, {"loss": last["loss"], "it/s": speed})
+                if step % cfg.val_every == 0 or step == cfg.steps:
+                    if self.dist.main and self.val_set is not None and len(self.val_set):
+                        val = self.validate()
+                        row.update(val)
+                        last.update(val)
+                        logger.message(
+                            f"step {step}: val_flow_loss {val['val_flow_loss']:.4f}, 1-step PSNR "
+                            f"{val['val_psnr']:.2f} dB (copy last frame {val['val_psnr_copy_last']:.2f} dB)"
+                        )
+                    self._barrier()
+                if row:
+                    logger.log(step, row)
+                if (step % cfg.sample_every == 0 or step == cfg.steps) and self.dist.main and self.val_set:
+                    self.write_samples(step)
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    self.save(last)
+                    self._barrier()
+        finally:
+            logger.close()
+        return last
+
+    def _barrier(self) -> None:
+        if self.dist.world > 1:
+            dist.barrier()
+
+    # -- evaluation with the EMA weights --------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation flow loss (fixed noise), and 1-step PSNR of sampled frames vs copying the last."""
+        from selfflow_world.sampler import sample_next
+        from selfflow_world.video import psnr
+
+        model = self.ema.eval()
+        flow_cfg = ObjectiveConfig(**{**asdict(self.cfg.objective), "mode": "flow"})
+        gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 99)
+        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False)
+        losses, psnrs, copies = [], [], []
+        for i, raw in enumerate(loader):
+            if i >= self.cfg.val_batches:
+                break
+            batch = to_model_batch(raw, self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                _, metrics = compute_loss(model, batch, flow_cfg, gen, history=self.cfg.history)
+                hist = self.cfg.history
+                frames, actions = batch["frames"], batch["actions"]
+                cache = model.init_cache(frames.shape[0])
+                model.append(cache, frames[:, :hist], actions[:, :hist])
+                pred = sample_next(model, cache, actions[:, hist], steps=self.cfg.sample_steps, generator=gen)
+            losses.append(float(metrics["flow_loss"]))
+            psnrs.append(psnr(pred, frames[:, hist]))
+            copies.append(psnr(frames[:, hist - 1], frames[:, hist]))
+        return {
+            "val_flow_loss": float(np.mean(losses)),
+            "val_psnr": float(torch.cat(psnrs).mean()),
+            "val_psnr_copy_last": float(torch.cat(copies).mean()),
+        }
+
+    @torch.no_grad()
+    def write_samples(self, step: int, episodes: int = 2) -> None:
+        """real | imagined | error videos of validation episodes, ``sample_frames`` ahead."""
+        from selfflow_world.episodes import load_episode
+        from selfflow_world.sampler import rollout
+        from selfflow_world.video import side_by_side, to_uint8, write_video
+
+        model, hist = self.ema.eval(), self.cfg.history
+        gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7)
+        for info in self.val_set.episodes[:episodes]:
+            arr = load_episode(info.path)
+            horizon = min(self.cfg.sample_frames, info.steps + 1 - hist)
+            if horizon < 1:
+                continue
+            frames = torch.from_numpy(np.array(arr["frames"][: hist + horizon])).permute(0, 3, 1, 2)
+            frames = frames.float().to(self.device) / 127.5 - 1.0
+            acts = np.asarray(
+                self.val_set.normalize_actions(arr["actions"][: hist + horizon - 1]), np.float32
+            )
+            acts = torch.from_numpy(np.concatenate([np.zeros_like(acts[:1]), acts])).to(self.device)
+            imagined = rollout(
+                model,
+                frames[None, :hist],
+                acts[None, :hist],
+                acts[None, hist:],
+                steps=self.cfg.sample_steps,
+                generator=gen,
+            )[0]
+            video = side_by_side(to_uint8(frames[hist:]), to_uint8(imagined))
+            write_video(self.out / "samples" / f"step_{step:08d}_ep{info.index:06d}", video)
+
+
+def main(overrides: list[str] | None = None) -> int:
+    """Entry point of ``sfw train`` and ``python -m selfflow_world.train``."""
+    from selfflow_world.config import load_config
+
+    overrides = sys.argv[1:] if overrides is None else overrides
+    cfg = load_config("train", overrides, TrainConfig)
+    trainer = Trainer(cfg)
+    try:
+        last = trainer.fit()
+        if trainer.dist.main and last:
+            print(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f} -> {cfg.out}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as err:
+        print(f"sfw train: error: {err}", file=sys.stderr)
+        sys.exit(2)

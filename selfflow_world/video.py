@@ -1,0 +1,53 @@
+"""Side-by-side videos (real | imagined | absolute error) as GIF and MP4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``(T, C, H, W)`` float in [-1, 1] or uint8 ``(T, H, W, C)`` -> uint8 ``(T, H, W, C)``."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().numpy()
+    if frames.dtype == np.uint8:
+        return frames
+    frames = np.clip((frames + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    return frames.transpose(0, 2, 3, 1)
+
+
+def side_by_side(real: np.ndarray, imagined: np.ndarray, scale: int = 2) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)`` pair -> ``(T, H*s, 3*W*s + 2*s, 3)``: real | imagined | |error|."""
+    error = np.abs(real.astype(np.int16) - imagined.astype(np.int16)).astype(np.uint8)
+    gap = np.full((*real.shape[:2], 1, 3), 255, np.uint8)
+    frames = np.concatenate([real, gap, imagined, gap, error], axis=2)
+    return frames.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> list[Path]:
+    """Write ``frames`` (uint8 ``(T, H, W, 3)``) as ``path.gif`` and ``path.mp4``; returns the files."""
+    import imageio.v3 as iio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    gif = path.with_suffix(".gif")
+    iio.imwrite(gif, frames, duration=1000 / fps, loop=0)
+    written.append(gif)
+    try:
+        mp4 = path.with_suffix(".mp4")
+        h, w = frames.shape[1:3]
+        padded = np.pad(frames, ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0)))  # codec block size
+        iio.imwrite(mp4, padded, fps=fps, codec="libx264")
+        written.append(mp4)
+    except Exception:  # noqa: BLE001 - ffmpeg missing or failing: the GIF is still there
+        pass
+    return written
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per leading index between frames in [-1, 1]: ``(B, ...)`` -> ``(B,)``."""
+    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1) / 4.0  # in [0, 1] units
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))

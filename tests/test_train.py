@@ -1,0 +1,226 @@
+"""Trainer: end-to-end smoke, determinism, exact resume, crash safety, bad input, DDP."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow_world.checkpoint import list_checkpoints, load_weights, read_meta, resolve_checkpoint
+from selfflow_world.config import load_config
+from selfflow_world.errors import UserError
+from selfflow_world.model import WorldDiT, model_config
+from selfflow_world.train import TrainConfig, Trainer, TrainingError, batch_indices, lr_factor
+
+FAST = [
+    "model=tiny",
+    "batch_size=4",
+    "val_every=5",
+    "sample_every=1000",
+    "sample_frames=2",
+    "ckpt_every=5",
+    "log_every=1",
+    "tensorboard=false",
+    "warmup=100",
+    "val_batches=1",
+]
+
+
+def make_cfg(data: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_config("train", [f"data={data}", f"out={out}", *FAST, *extra], TrainConfig)
+
+
+def train(data: Path, out: Path, *extra: str) -> dict:
+    return Trainer(make_cfg(data, out, *extra)).fit()
+
+
+def losses(run: Path) -> dict[int, str]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r.get("loss")}
+
+
+def test_lr_schedule_warms_up_then_decays():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, 0.1) < lr_factor(20, 10, 100, 0.1)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_ranks():
+    assert batch_indices(50, 8, 3, seed=1) == batch_indices(50, 8, 3, seed=1)
+    assert batch_indices(50, 8, 3, seed=1) != batch_indices(50, 8, 3, seed=2)
+    r0, r1 = batch_indices(50, 4, 2, 0, rank=0, world=2), batch_indices(50, 4, 2, 0, rank=1, world=2)
+    assert not set(r0) & set(r1)
+    epoch = [i for s in range(10) for i in batch_indices(40, 4, s, seed=0)]  # one full epoch
+    assert sorted(epoch) == list(range(40))
+
+
+def test_training_smoke_writes_checkpoint_logs_and_samples(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    last = train(tiny_dataset, out, "steps=6", "sample_every=6", "tensorboard=true", "objective=selfflow")
+    assert {"loss", "flow_loss", "rep_loss", "val_flow_loss", "val_psnr", "val_psnr_copy_last"} <= set(last)
+    assert [s for s, _ in list_checkpoints(out)] == [5, 6]
+    ckpt = resolve_checkpoint(out)
+    meta = read_meta(ckpt)
+    assert meta["step"] == 6 and meta["config"]["objective"]["mode"] == "selfflow"
+    assert meta["model_config"]["image_size"] == 16 and len(meta["dataset_fingerprint"]) == 16
+    model = WorldDiT(
+        model_config(
+            "tiny", **{k: meta["model_config"][k] for k in ("image_size", "action_dim", "max_frames")}
+        )
+    )
+    load_weights(ckpt, "ema", model)  # loads with safetensors, no pickle
+    assert list((out / "samples").glob("*.gif")) and list((out / "tb").iterdir())
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("objective", ["flow", "dts", "selfflow"])
+def test_two_runs_with_one_seed_are_identical(tiny_dataset, tmp_path, objective):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny_dataset, a, "steps=4", f"objective={objective}")
+    train(tiny_dataset, b, "steps=4", f"objective={objective}")
+    assert losses(a) == losses(b)
+    c = tmp_path / "c"
+    train(tiny_dataset, c, "steps=4", f"objective={objective}", "seed=1")
+    assert losses(c) != losses(a)
+
+
+def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
+    # warm-up longer than the run: the schedule does not depend on the total, so a run of 6 steps
+    # resumed to 10 must match a run of 10 steps exactly
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_dataset, full, "steps=10", "objective=selfflow")
+    train(tiny_dataset, part, "steps=6", "objective=selfflow")
+    train(tiny_dataset, part, "steps=10", "objective=selfflow", "resume=true")
+    assert losses(part) == losses(full)
+    wa = torch.load(resolve_checkpoint(full) / "train_state.pt", weights_only=True)
+    wb = torch.load(resolve_checkpoint(part) / "train_state.pt", weights_only=True)
+    assert torch.equal(wa["generators"][0], wb["generators"][0])
+
+
+def test_existing_run_needs_resume_flag(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5")
+    with pytest.raises(UserError, match="resume=true"):
+        train(tiny_dataset, out, "steps=5")
+
+
+def test_killed_checkpoint_write_keeps_last_good_one(tiny_dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5")
+    import selfflow_world.checkpoint as ckpt_mod
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed between writing the files and renaming them
+
+    monkeypatch.setattr(ckpt_mod.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_dataset, out, "steps=10", "resume=true")
+    monkeypatch.undo()
+    assert [s for s, _ in list_checkpoints(out)] == [5]  # the partial step_10 is not a checkpoint
+    train(tiny_dataset, out, "steps=10", "resume=true")
+    assert [s for s, _ in list_checkpoints(out)] == [5, 10]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import selfflow_world.train as train_mod
+
+    out = tmp_path / "run"
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 7 else loss), metrics
+
+    monkeypatch.setattr(train_mod, "compute_loss", flaky)
+    with pytest.raises(TrainingError, match="at step 7.*step_00000005"):
+        train(tiny_dataset, out, "steps=10", "val_every=100")
+    assert [s for s, _ in list_checkpoints(out)] == [5]
+    weights = resolve_checkpoint(out) / "weights.safetensors"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(v).all() for v in load_file(str(weights)).values())
+
+
+def test_checkpoint_of_another_model_config_is_refused_with_keys(tiny_dataset, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5")
+    with pytest.raises(UserError, match=r"another model config.*shape mismatch"):
+        train(tiny_dataset, out, "steps=6", "resume=true", "model.width=64")
+
+
+def test_dataset_that_does_not_match_checkpoint_is_refused(tiny_dataset, tmp_path, collect_config):
+    from selfflow_world.envs.collect import collect
+
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5")
+    other = tmp_path / "bigger"
+    collect(collect_config(other, size=32, episodes=2), progress=False)
+    with pytest.raises(UserError, match="do not match checkpoint"):
+        train(other, out, "steps=6", "resume=true")
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("steps=0", "steps must be a positive integer"),
+        ("objective.mask_ratio=0.7", r"mask_ratio must be in \[0, 0.5\]"),
+        ("objective.student_layer=2", "student_layer < teacher_layer"),
+        ("objective.teacher_layer=3", "<= depth 2"),
+        ("model=huge", "Could not find 'model/huge'"),
+        ("lr=-1", "lr > 0"),
+    ],
+)
+def test_nonsense_settings_fail_clearly(tiny_dataset, tmp_path, bad, match):
+    with pytest.raises(UserError, match=match):
+        train(tiny_dataset, tmp_path / "run", "steps=5", bad)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_missing_dataset_fails_clearly(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train(tmp_path / "nope", tmp_path / "run", "steps=5")
+
+
+def test_cli_train_and_resume_commands(tiny_dataset, tmp_path):
+    from selfflow_world.cli import main
+
+    out = tmp_path / "run"
+    args = [f"data={tiny_dataset}", f"out={out}", "model=tiny", "objective=selfflow", "tensorboard=false"]
+    assert main(["train", *args, "steps=3"]) == 0
+    assert main(["train", *args, "steps=5", "resume=true"]) == 0
+    assert read_meta(resolve_checkpoint(out))["step"] == 5
+    assert main(["train", *args, "steps=0"]) == 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_gloo(tiny_dataset, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "selfflow_world.train",
+        f"data={tiny_dataset}",
+        f"out={out}",
+        *FAST,
+        "steps=4",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = read_meta(resolve_checkpoint(out))
+    assert meta["step"] == 4
+    assert sorted(losses(out)) == [1, 2, 3, 4]
