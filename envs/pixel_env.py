@@ -211,6 +211,16 @@ class PixelEnv(gym.Env):
 
     # -- physics state ---------------------------------------------------------------------------
     @property
+    def nq(self) -> int:
+        """Length of qpos: ``physics_state[1 : 1 + nq]`` (index 0 is the simulation time)."""
+        return int(self._backend.model.nq)
+
+    @property
+    def nv(self) -> int:
+        """Length of qvel: ``physics_state[1 + nq : 1 + nq + nv]``."""
+        return int(self._backend.model.nv)
+
+    @property
     def state_size(self) -> int:
         return int(mujoco.mj_stateSize(self._backend.model, FULL_STATE))
 

@@ -5,6 +5,8 @@
     sfw data info DIR                          summarise a dataset
     sfw data check DIR                         validate every file; non-zero exit if any is bad
     sfw train [key=value ...]                  train a world model (configs/train.yaml)
+    sfw imagine [key=value ...]                real | imagined | error videos (configs/imagine.yaml)
+    sfw eval [key=value ...]                   consistency report vs the simulator (configs/eval.yaml)
 
 Bad input prints one line ``sfw: error: ...`` and exits with status 2.
 """
@@ -109,6 +111,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return train_main(args.overrides)
 
 
+def _cmd_imagine(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.imagine import ImagineConfig, run_imagine
+
+    cfg = load_config("imagine", args.overrides, ImagineConfig)
+    for row in run_imagine(cfg):
+        print(
+            f"episode {row['episode']}: {row['frames']} frames, PSNR {row['psnr_mean']:.2f} dB -> "
+            + ", ".join(row["files"])
+        )
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.evaluate import EvalConfig, run_eval
+
+    cfg = load_config("eval", args.overrides, EvalConfig)
+    report = run_eval(cfg)
+    print(report["summary_text"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfw", description="Self-Flow world models for MuJoCo robotics.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -117,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in [
         ("collect", _cmd_collect, "collect a pixel dataset (key=value overrides of configs/collect.yaml)"),
         ("train", _cmd_train, "train a world model (key=value overrides of configs/train.yaml)"),
+        (
+            "imagine",
+            _cmd_imagine,
+            "real | imagined | error videos (key=value overrides of configs/imagine.yaml)",
+        ),
+        ("eval", _cmd_eval, "temporal-consistency report (key=value overrides of configs/eval.yaml)"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("overrides", nargs="*", metavar="key=value")

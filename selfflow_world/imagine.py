@@ -1,0 +1,164 @@
+"""``sfw imagine``: side-by-side videos of imagined vs simulator frames for recorded episodes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from selfflow_world.errors import UserError, check_positive
+
+
+@dataclass
+class ImagineConfig:
+    """Settings of ``sfw imagine`` (documented in configs/imagine.yaml)."""
+
+    ckpt: str = "???"
+    data: str = "???"
+    out: str = "???"
+    horizon: int = 32
+    episodes: int = 4
+    steps: int = 4
+    method: str = "euler"
+    history_level: float = 0.0
+    split: str = "val"
+    seed: int = 0
+    device: str = "auto"
+    fps: int = 8
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def per_frame_actions(actions: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Actions that produced frames ``first .. first+count-1`` of an episode (zeros before frame 0).
+
+    ``actions`` is the episode's ``(T, A)`` array, where ``a_k`` takes frame ``k`` to ``k+1``.
+    """
+    out = np.zeros((count, actions.shape[1]), np.float32)
+    for j in range(count):
+        k = first + j - 1
+        if k >= 0:
+            out[j] = actions[k]
+    return out
+
+
+@dataclass
+class Segments:
+    """Rollouts cut from recorded episodes: uint8 context ``(B, H, h, w, 3)``, its actions ``(B, H, A)``,
+    future actions ``(B, T, A)`` (env units), uint8 real future frames ``(B, T, h, w, 3)``, and per
+    row the episode info and the frame index where its context starts."""
+
+    context: np.ndarray
+    context_actions: np.ndarray
+    actions: np.ndarray
+    real: np.ndarray
+    infos: list
+    starts: list[int]
+    split: str
+
+
+def load_segments(
+    wm, data: str, split: str, count: int, history: int, horizon: int, per_episode: int = 1, min_rows: int = 1
+) -> Segments:
+    """Up to ``count`` rollouts of ``history + T`` frames, ``T = min(horizon, shortest fit)``.
+
+    Takes up to ``per_episode`` non-overlapping segments from each episode of ``split``. If that gives
+    fewer than ``min_rows`` rollouts, falls back to all episodes (``Segments.split`` says which).
+    """
+    from selfflow_world.clips import ClipDataset, ClipSpec
+    from selfflow_world.episodes import load_episode
+
+    train_cfg = wm.meta.get("config", {})
+    spec = ClipSpec(
+        history=history,
+        future=1,
+        val_fraction=train_cfg.get("val_fraction", 0.1),
+        split_seed=train_cfg.get("seed", 0),
+    )
+    dataset = ClipDataset(data, spec, split)
+    size, dim = wm.config.image_size, wm.config.action_dim
+    if dataset.frame_shape != (size, size, 3) or dataset.action_dim != dim:
+        raise UserError(
+            f"dataset {data} has frames {dataset.frame_shape} and action dim {dataset.action_dim}; the model "
+            f"expects ({size}, {size}, 3) and {dim}"
+        )
+    infos = [i for i in dataset.episodes if i.steps + 1 > history]
+    if not infos:
+        raise UserError(
+            f"the {split} split of {data} has no episode longer than the context ({history} frames)"
+        )
+    horizon = min(horizon, min(i.steps + 1 - history for i in infos))
+    rows = [
+        (info, k * (history + horizon))
+        for info in infos
+        for k in range(per_episode)
+        if (k + 1) * (history + horizon) <= info.steps + 1
+    ][:count]
+    if len(rows) < min_rows and split != "all":
+        return load_segments(wm, data, "all", count, history, horizon, per_episode, min_rows)
+    ctx, ctx_act, fut_act, real = [], [], [], []
+    for info, start in rows:
+        arr = load_episode(info.path)
+        ctx.append(np.asarray(arr["frames"][start : start + history]))
+        real.append(np.asarray(arr["frames"][start + history : start + history + horizon]))
+        acts = np.asarray(arr["actions"], np.float32)
+        ctx_act.append(per_frame_actions(acts, start, history))
+        fut_act.append(acts[start + history - 1 : start + history - 1 + horizon])
+    return Segments(
+        np.stack(ctx),
+        np.stack(ctx_act),
+        np.stack(fut_act),
+        np.stack(real),
+        [r[0] for r in rows],
+        [r[1] for r in rows],
+        split,
+    )
+
+
+def run_imagine(cfg: ImagineConfig) -> list[dict]:
+    """Write the videos; returns per-episode PSNR summaries."""
+    from selfflow_world.metrics import psnr_per_horizon
+    from selfflow_world.video import side_by_side, write_video
+    from selfflow_world.world_model import WorldModel
+
+    for name in ("horizon", "episodes", "steps", "fps"):
+        check_positive(name, getattr(cfg, name))
+    for name in ("ckpt", "data", "out"):
+        if getattr(cfg, name) in ("???", "", None):
+            raise UserError(f"{name}= is required (e.g. sfw imagine ckpt=RUN data=DATA out=DIR)")
+    wm = WorldModel.load(cfg.ckpt, device=pick_device(cfg.device))
+    seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
+    real, infos = seg.real, seg.infos
+    gen = torch.Generator(wm.device).manual_seed(cfg.seed)
+    imagined = wm.imagine(
+        seg.context,
+        seg.actions,
+        steps=cfg.steps,
+        method=cfg.method,
+        generator=gen,
+        context_actions=seg.context_actions,
+        history_level=cfg.history_level,
+    )
+    out = Path(cfg.out)
+    scores = psnr_per_horizon(
+        torch.from_numpy(real).permute(0, 1, 4, 2, 3).float() / 127.5 - 1,
+        torch.from_numpy(imagined).permute(0, 1, 4, 2, 3).float() / 127.5 - 1,
+    )
+    summary = []
+    for b, info in enumerate(infos):
+        files = write_video(out / f"ep_{info.index:06d}", side_by_side(real[b], imagined[b]), fps=cfg.fps)
+        summary.append(
+            {
+                "episode": info.index,
+                "frames": int(real.shape[1]),
+                "psnr_mean": float(scores[b].mean()),
+                "files": [str(f) for f in files],
+            }
+        )
+    return summary

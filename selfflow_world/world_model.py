@@ -1,0 +1,206 @@
+"""The user-facing world model: load a trained checkpoint, imagine frames under actions.
+
+    from selfflow_world import WorldModel
+    wm = WorldModel.load("runs/reacher", device="cuda")   # or "cpu"; a run dir or a checkpoint dir
+    frames = wm.imagine(context_frames, actions, steps=4, generator=g)
+
+Frames come in either layout and go back in the same one: uint8 ``(B, H, h, w, 3)`` (as on disk and
+from envs) or float ``(B, H, 3, h, w)`` in [-1, 1] (as inside the model). Actions are in the env's
+units and normalised inside with the action bounds stored in the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
+from selfflow_world.errors import UserError
+from selfflow_world.model import ModelConfig, WorldDiT
+from selfflow_world.sampler import METHODS, rollout
+
+
+@dataclass
+class _Layout:
+    uint8: bool
+    numpy: bool
+
+
+class WorldModel:
+    """A trained :class:`~selfflow_world.model.WorldDiT` with its action bounds and training setup."""
+
+    def __init__(self, model: WorldDiT, meta: dict[str, Any], device: torch.device):
+        self.model = model.eval()
+        self.meta = meta
+        self.device = device
+        self.config: ModelConfig = model.config
+        self.history: int = int(meta.get("config", {}).get("history", 1))
+        low = np.asarray(meta["action_low"], np.float32)
+        high = np.asarray(meta["action_high"], np.float32)
+        self._center = torch.from_numpy((high + low) / 2).to(device)
+        self._half = torch.from_numpy((high - low) / 2).to(device)
+
+    # -- construction -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> WorldModel:
+        """Load from a run directory (its newest checkpoint) or a checkpoint directory.
+
+        ``weights``: ``ema`` (the evaluation weights, default) or ``model`` (the raw student).
+        """
+        if weights not in ("ema", "model"):
+            raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device {device} requested but CUDA is not available here; use device='cpu'")
+        ckpt = resolve_checkpoint(path)
+        meta = read_meta(ckpt)
+        if "model_config" not in meta or "action_low" not in meta:
+            raise UserError(f"{ckpt} is not a selfflow-world checkpoint (meta.json lacks model_config)")
+        model = WorldDiT(ModelConfig(**meta["model_config"]))
+        load_weights(ckpt, weights, model)
+        return cls(model.to(device), meta, device)
+
+    @classmethod
+    def untrained(cls, like: WorldModel, seed: int = 0) -> WorldModel:
+        """A freshly initialised model of the same config (a baseline for evaluation)."""
+        model = WorldDiT(like.config, generator=torch.Generator().manual_seed(seed))
+        return cls(model.to(like.device), like.meta, like.device)
+
+    # -- conversions ------------------------------------------------------------------------------
+    def normalize_actions(self, actions: Tensor) -> Tensor:
+        """Env units -> [-1, 1]."""
+        return (actions - self._center) / self._half
+
+    def _frames_in(self, frames: Tensor | np.ndarray, name: str) -> tuple[Tensor, _Layout]:
+        layout = _Layout(uint8=False, numpy=isinstance(frames, np.ndarray))
+        x = torch.as_tensor(frames)
+        size, channels = self.config.image_size, self.config.channels
+        if x.ndim != 5:
+            raise UserError(
+                f"{name} must be 5-D: uint8 (B, T, {size}, {size}, 3) or float (B, T, 3, {size}, {size}), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if x.dtype == torch.uint8:
+            if tuple(x.shape[2:]) != (size, size, channels):
+                raise UserError(
+                    f"{name} uint8 frames must be (B, T, {size}, {size}, {channels}), got {tuple(x.shape)}"
+                )
+            layout.uint8 = True
+            x = x.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+        elif x.is_floating_point():
+            if tuple(x.shape[2:]) != (channels, size, size):
+                raise UserError(
+                    f"{name} float frames must be (B, T, {channels}, {size}, {size}) in [-1, 1], got "
+                    f"{tuple(x.shape)}"
+                )
+            x = x.float()
+        else:
+            raise UserError(f"{name} must be uint8 or float, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise UserError(f"{name} contains NaN or infinite values")
+        return x.to(self.device), layout
+
+    def _frames_out(self, x: Tensor, layout: _Layout) -> Tensor | np.ndarray:
+        if layout.uint8:
+            x = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2)
+        x = x.cpu()
+        return x.numpy() if layout.numpy else x
+
+    def _actions_in(self, actions: Tensor | np.ndarray, batch: int, name: str) -> Tensor:
+        a = torch.as_tensor(actions, dtype=torch.float32)
+        dim = self.config.action_dim
+        if a.ndim != 3 or a.shape[0] != batch or a.shape[2] != dim:
+            raise UserError(
+                f"{name} must be (B={batch}, T, A={dim}) in env units, got shape {tuple(a.shape)}"
+            )
+        if not torch.isfinite(a).all():
+            raise UserError(f"{name} contain NaN or infinite values")
+        return self.normalize_actions(a.to(self.device))
+
+    # -- imagination ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def imagine(
+        self,
+        context_frames: Tensor | np.ndarray,
+        actions: Tensor | np.ndarray,
+        *,
+        steps: int = 4,
+        method: str = "euler",
+        generator: torch.Generator | None = None,
+        context_actions: Tensor | np.ndarray | None = None,
+        window: int | None = None,
+        history_level: float = 0.0,
+    ) -> Tensor | np.ndarray:
+        """Imagine ``T`` frames after ``H`` context frames, batched and frame-causal.
+
+        Args:
+            context_frames: uint8 ``(B, H, h, w, 3)`` or float ``(B, H, 3, h, w)`` in [-1, 1].
+            actions: ``(B, T, A)`` in env units; ``actions[:, j]`` produces imagined frame ``j`` from
+                the frame before it (the last context frame for ``j = 0``).
+            steps: sampler steps per frame (1 to 50); ``method``: ``euler`` or ``heun``.
+            generator: makes the result deterministic.
+            context_actions: ``(B, H, A)`` actions that produced the context frames, if known
+                (row 0 is the action before the first context frame); zeros otherwise.
+            window: history frames kept in the KV cache (default: the trained context minus one).
+            history_level: noise level of generated frames in the history (drift stabilisation).
+
+        Returns:
+            ``T`` imagined frames per trajectory, in the layout of ``context_frames``.
+        """
+        context, layout = self._frames_in(context_frames, "context_frames")
+        batch = context.shape[0]
+        acts = self._actions_in(actions, batch, "actions")
+        if acts.shape[1] < 1:
+            raise UserError("actions must hold at least one step (horizon >= 1)")
+        if not 1 <= steps <= 50:
+            raise UserError(f"steps must be in [1, 50], got {steps}")
+        if method not in METHODS:
+            raise UserError(f"method must be one of {METHODS}, got {method!r}")
+        if not 0.0 <= history_level < 1.0:
+            raise UserError(f"history_level must be in [0, 1), got {history_level}")
+        if context_actions is None:
+            ctx_acts = torch.zeros(batch, context.shape[1], self.config.action_dim, device=self.device)
+        else:
+            ctx_acts = self._actions_in(context_actions, batch, "context_actions")
+            if ctx_acts.shape[1] != context.shape[1]:
+                raise UserError(
+                    f"context_actions must have one row per context frame ({context.shape[1]}), "
+                    f"got {ctx_acts.shape[1]}"
+                )
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = rollout(
+                self.model,
+                context,
+                ctx_acts,
+                acts,
+                steps=steps,
+                method=method,
+                generator=generator,
+                window=window,
+                history_level=history_level,
+            )
+        return self._frames_out(out.float(), layout)
+
+    @torch.no_grad()
+    def features(self, frames: Tensor, actions: Tensor, layers: list[int] | None = None) -> dict[int, Tensor]:
+        """Hidden states at ``t = 0`` of clean clips, mean-pooled over the last frame's tokens.
+
+        Args:
+            frames: float ``(B, T, 3, h, w)`` in [-1, 1]; actions: normalised ``(B, T, A)``.
+            layers: block indices (default: every block, 1..depth).
+
+        Returns ``{layer: (B, D)}``.
+        """
+        from selfflow_world.model import shift_frames
+
+        layers = list(range(1, self.config.depth + 1)) if layers is None else layers
+        frames, actions = frames.to(self.device), actions.to(self.device)
+        zeros = torch.zeros(frames.shape[0], device=self.device)
+        _, hidden = self.model(frames, zeros, actions, shift_frames(frames), return_hidden=tuple(layers))
+        per_frame = self.config.tokens_per_frame
+        return {layer: hidden[layer][:, -per_frame:].float().mean(1) for layer in layers}
