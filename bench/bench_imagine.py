@@ -1,0 +1,145 @@
+"""Imagination throughput against the simulator, in one run.
+
+Prints imagined frames/s for batch 1, 16, 64 and sampler steps 1, 4, 8 (Euler, KV-cached rollout),
+the simulator's ``env.step`` + render frames/s for the same env, and the time of frame 32 over the
+time of frame 4 in one rollout (about 1 when the KV cache keeps the cost per frame flat).
+
+    python bench/bench_imagine.py                       # fresh `small` model (same compute as trained)
+    python bench/bench_imagine.py --ckpt runs/reacher   # a trained checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import torch
+
+
+def simulator_fps(env_name: str, size: int, frames: int) -> float:
+    from selfflow_world.envs import make
+
+    env = make(env_name, size=size)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for _ in range(frames):
+        _, _, term, trunc, _ = env.step(rng.uniform(env.action_space.low, env.action_space.high))
+        if term or trunc:
+            env.reset()
+    fps = frames / (time.perf_counter() - start)
+    env.close()
+    return fps
+
+
+def build_model(args, device):
+    from selfflow_world import WorldModel
+    from selfflow_world.model import WorldDiT, model_config
+
+    if args.ckpt:
+        return WorldModel.load(args.ckpt, device=device).model
+    cfg = model_config(args.model, image_size=args.size, action_dim=2, max_frames=args.history + 1)
+    return WorldDiT(cfg).to(device).eval()
+
+
+@torch.no_grad()
+def imagine_fps(model, batch: int, steps: int, horizon: int, history: int, device) -> float:
+    from selfflow_world.sampler import rollout
+
+    size, a = model.config.image_size, model.config.action_dim
+    gen = torch.Generator(device).manual_seed(0)
+    ctx = torch.rand(batch, history, 3, size, size, device=device) * 2 - 1
+    ctx_a = torch.zeros(batch, history, a, device=device)
+    acts = torch.rand(batch, horizon, a, device=device) * 2 - 1
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        rollout(model, ctx, ctx_a, acts[:, :1], steps=steps, generator=gen)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        rollout(model, ctx, ctx_a, acts, steps=steps, generator=gen)
+        _sync(device)
+    return batch * horizon / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def per_frame_times(model, batch: int, steps: int, horizon: int, history: int, device) -> list[float]:
+    from selfflow_world.sampler import sample_next
+
+    size, a = model.config.image_size, model.config.action_dim
+    gen = torch.Generator(device).manual_seed(0)
+    cache = model.init_cache(batch)
+    model.append(
+        cache,
+        torch.rand(batch, history, 3, size, size, device=device),
+        torch.zeros(batch, history, a, device=device),
+    )
+    times = []
+    for _ in range(horizon):
+        action = torch.rand(batch, a, device=device)
+        _sync(device)
+        start = time.perf_counter()
+        frame = sample_next(model, cache, action, steps=steps, generator=gen)
+        model.append(cache, frame, action)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None)
+    p.add_argument("--model", default="small")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--history", type=int, default=2)
+    p.add_argument("--env", default="dmc/reacher-easy")
+    p.add_argument("--horizon", type=int, default=8, help="frames per timed rollout")
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--steps", default="1,4,8")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    model = build_model(args, device)
+    sim = simulator_fps(args.env, model.config.image_size, 300)
+    print(
+        f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    )
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"model: {args.ckpt or args.model} ({params:.2f}M params, {model.config.tokens_per_frame} tokens/frame), "
+        f"context {args.history}, window {model.config.max_frames - 1}"
+    )
+    print(f"simulator {args.env} env.step + render: {sim:.1f} frames/s (one process)")
+    batches = [int(b) for b in args.batches.split(",")]
+    steps_list = [int(s) for s in args.steps.split(",")]
+    print(
+        f"{'batch':>6s} "
+        + " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
+        + "   (imagined frames/s, x simulator)"
+    )
+    for b in batches:
+        cells = []
+        for s in steps_list:
+            fps = imagine_fps(model, b, s, args.horizon, args.history, device)
+            cells.append(f"{fps:9.1f} ({fps / sim:5.2f}x)")
+        print(f"{b:6d} " + " ".join(f"{c:>18s}" for c in cells))
+    times = per_frame_times(model, 16, 4, 32, args.history, device)
+    print(
+        f"one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, frame 32 {times[31] * 1e3:.1f} ms, "
+        f"ratio {times[31] / times[3]:.2f} (flat cost per frame: ~1)"
+    )
+
+
+if __name__ == "__main__":
+    main()
