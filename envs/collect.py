@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from selfflow_world import __version__
 from selfflow_world.envs.pixel_env import PixelEnv, make
 from selfflow_world.envs.policies import PolicyConfig, make_policy
 from selfflow_world.envs.registry import defaults_for
-
-from selfflow_world import __version__
 from selfflow_world.episodes import (
     MANIFEST,
     SCHEMA_VERSION,

@@ -21,8 +21,8 @@ from typing import Any
 import gymnasium as gym
 import mujoco
 import numpy as np
-from selfflow_world.envs.registry import defaults_for, dmc_domain_task, parse_name
 
+from selfflow_world.envs.registry import defaults_for, dmc_domain_task, parse_name
 from selfflow_world.errors import UserError, check_positive
 
 FULL_STATE = mujoco.mjtState.mjSTATE_FULLPHYSICS

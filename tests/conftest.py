@@ -1,0 +1,52 @@
+"""Shared fixtures.
+
+``tiny_dataset`` is a real dataset collected once per test session (dm_control reacher-easy, 16x16
+frames, 5 episodes of 12 steps, coloured-noise policy, seed 0, one worker: about two seconds).
+Training, clip and data tests reuse it. It is shared, so treat it as read-only; a test that
+damages or extends a dataset takes ``tiny_dataset_copy`` (a private copy under ``tmp_path``).
+``collect_config`` builds a :class:`CollectConfig` with the tiny settings, for tests that collect
+the same data again (determinism, resume, crash safety) and compare it with ``tiny_dataset``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco renders
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# The tiny dataset's settings (CollectConfig fields).
+TINY = {"env": "dmc/reacher-easy", "episodes": 5, "steps": 12, "size": 16, "seed": 0, "workers": 1}
+
+
+@pytest.fixture(scope="session")
+def collect_config() -> Callable[..., object]:
+    """Factory: ``collect_config(out, **overrides)`` -> CollectConfig with the tiny settings."""
+    from selfflow_world.envs.collect import CollectConfig
+
+    def build(out: str | Path, **overrides) -> CollectConfig:
+        return CollectConfig(**{**TINY, "out": str(out), **overrides})
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, collect_config) -> Path:
+    """Path of a dataset directory with 5 complete episodes (reacher-easy, 16x16, 12 steps each,
+    action dim 2). Read-only: use ``tiny_dataset_copy`` to modify one."""
+    from selfflow_world.envs.collect import collect
+
+    root = tmp_path_factory.mktemp("tiny") / "reacher"
+    collect(collect_config(root), progress=False)
+    return root
+
+
+@pytest.fixture
+def tiny_dataset_copy(tiny_dataset, tmp_path) -> Path:
+    """A private, writable copy of ``tiny_dataset``."""
+    return Path(shutil.copytree(tiny_dataset, tmp_path / "reacher"))
