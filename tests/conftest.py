@@ -50,3 +50,16 @@ def tiny_dataset(tmp_path_factory, collect_config) -> Path:
 def tiny_dataset_copy(tiny_dataset, tmp_path) -> Path:
     """A private, writable copy of ``tiny_dataset``."""
     return Path(shutil.copytree(tiny_dataset, tmp_path / "reacher"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """Run directory of a `tiny` selfflow model trained for 3 steps on ``tiny_dataset`` (read-only)."""
+    from selfflow_world.config import load_config
+    from selfflow_world.train import TrainConfig, Trainer
+
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    overrides = [f"data={tiny_dataset}", f"out={out}", "model=tiny", "objective=selfflow", "steps=3",
+                 "batch_size=4", "tensorboard=false", "val_every=100", "sample_every=100", "ckpt_every=100"]
+    Trainer(load_config("train", overrides, TrainConfig)).fit()
+    return out

@@ -11,7 +11,6 @@ from selfflow_world.cli import main
 from selfflow_world.config import load_config
 from selfflow_world.evaluate import EvalConfig, run_eval
 from selfflow_world.imagine import per_frame_actions
-from selfflow_world.train import TrainConfig, Trainer
 
 REPORT_KEYS = {
     "checkpoint",
@@ -29,29 +28,6 @@ REPORT_KEYS = {
     "plots",
     "summary_text",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ev") / "run"
-    cfg = load_config(
-        "train",
-        [
-            f"data={tiny_dataset}",
-            f"out={out}",
-            "model=tiny",
-            "objective=selfflow",
-            "steps=3",
-            "batch_size=4",
-            "tensorboard=false",
-            "val_every=100",
-            "sample_every=100",
-            "ckpt_every=100",
-        ],
-        TrainConfig,
-    )
-    Trainer(cfg).fit()
-    return out
 
 
 def test_per_frame_actions_alignment():

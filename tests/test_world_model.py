@@ -7,34 +7,9 @@ import pytest
 import torch
 
 from selfflow_world import WorldModel
-from selfflow_world.config import load_config
 from selfflow_world.errors import UserError
 from selfflow_world.model import WorldDiT, model_config, shift_frames
 from selfflow_world.sampler import rollout
-from selfflow_world.train import TrainConfig, Trainer
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("wm") / "run"
-    cfg = load_config(
-        "train",
-        [
-            f"data={tiny_dataset}",
-            f"out={out}",
-            "model=tiny",
-            "objective=flow",
-            "steps=3",
-            "batch_size=4",
-            "tensorboard=false",
-            "val_every=100",
-            "sample_every=100",
-            "ckpt_every=100",
-        ],
-        TrainConfig,
-    )
-    Trainer(cfg).fit()
-    return out
 
 
 def test_load_from_run_and_checkpoint_dirs(tiny_run):
