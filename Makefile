@@ -27,7 +27,7 @@ demo: setup
 	$(SFW) collect env=dmc/reacher-easy episodes=30 steps=60 workers=2 out=$(DEMO_DIR)/data
 	$(SFW) data check $(DEMO_DIR)/data
 	$(SFW) train data=$(DEMO_DIR)/data out=$(DEMO_DIR)/run model=small objective=selfflow \
-		steps=$(DEMO_STEPS) resume=true warmup=50 objective.ema_warmup=100 val_every=100 \
+		steps=$(DEMO_STEPS) resume=true warmup=50 val_every=100 \
 		sample_every=$(DEMO_STEPS) ckpt_every=100
 	$(SFW) imagine ckpt=$(DEMO_DIR)/run data=$(DEMO_DIR)/data out=$(DEMO_DIR)/imagine horizon=16 episodes=2
 	$(SFW) eval ckpt=$(DEMO_DIR)/run data=$(DEMO_DIR)/data out=$(DEMO_DIR)/eval horizon=8 episodes=8 \

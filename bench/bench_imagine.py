@@ -48,7 +48,8 @@ def build_model(args, device):
 
 
 @torch.no_grad()
-def imagine_fps(model, batch: int, steps: int, horizon: int, history: int, device) -> float:
+def imagine_fps(model, batch: int, steps: int, horizon: int, history: int, device, bf16: bool) -> float:
+    from selfflow_world.runtime import autocast
     from selfflow_world.sampler import rollout
 
     size, a = model.config.image_size, model.config.action_dim
@@ -56,7 +57,7 @@ def imagine_fps(model, batch: int, steps: int, horizon: int, history: int, devic
     ctx = torch.rand(batch, history, 3, size, size, device=device) * 2 - 1
     ctx_a = torch.zeros(batch, history, a, device=device)
     acts = torch.rand(batch, horizon, a, device=device) * 2 - 1
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device, bf16):
         rollout(model, ctx, ctx_a, acts[:, :1], steps=steps, generator=gen)  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -66,7 +67,10 @@ def imagine_fps(model, batch: int, steps: int, horizon: int, history: int, devic
 
 
 @torch.no_grad()
-def per_frame_times(model, batch: int, steps: int, horizon: int, history: int, device) -> list[float]:
+def per_frame_times(
+    model, batch: int, steps: int, horizon: int, history: int, device, bf16: bool
+) -> list[float]:
+    from selfflow_world.runtime import autocast
     from selfflow_world.sampler import sample_next
 
     size, a = model.config.image_size, model.config.action_dim
@@ -82,8 +86,9 @@ def per_frame_times(model, batch: int, steps: int, horizon: int, history: int, d
         action = torch.rand(batch, a, device=device)
         _sync(device)
         start = time.perf_counter()
-        frame = sample_next(model, cache, action, steps=steps, generator=gen)
-        model.append(cache, frame, action)
+        with autocast(device, bf16):
+            frame = sample_next(model, cache, action, steps=steps, generator=gen)
+            model.append(cache, frame, action)
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
@@ -105,6 +110,12 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", default="1,4,8")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--precision",
+        default="both",
+        choices=["both", "float32", "bf16"],
+        help="both: float32 and, where native, bf16 autocast",
+    )
     args = p.parse_args()
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

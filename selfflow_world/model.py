@@ -247,7 +247,7 @@ class WorldDiT(nn.Module):
         )
 
     def _embed(self, x: Tensor, t: Tensor | float, actions: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
-        """Input tokens and per-token conditioning, both ``(B, N, D)``."""
+        """Input tokens ``(B, N, D)`` and conditioning ``(B, N, D)``, or ``(B, 1, D)`` when shared."""
         b, frames = x.shape[:2]
         expected = (b, frames, self.config.channels, self.config.image_size, self.config.image_size)
         if tuple(x.shape) != expected or tuple(prev.shape) != expected:
@@ -264,6 +264,14 @@ class WorldDiT(nn.Module):
             h = h + self.prev_embed(self._patchify(prev))
         if self.action_in is not None:
             h = h + repeat(self.action_in(actions), per_frame, l=self.tokens_per_frame)
+        t_in = torch.as_tensor(t, dtype=torch.float32)
+        if frames == 1 and t_in.numel() in (1, b) and t_in.ndim <= 1:
+            # one frame at one level per example (every sampler step, every appended frame): its
+            # tokens share one conditioning vector, (B, 1, D), which the blocks broadcast, so the
+            # adaLN modulation is computed once per frame instead of once per token
+            t_ex = t_in.reshape(-1).expand(b).to(x.device)[:, None]  # (B, 1)
+            c = self.time_embed(timestep_embedding(t_ex, self.time_freq_dim)) + self.action_embed(actions)
+            return h, c
         t_tok = tokens_t(t, b, frames, self.tokens_per_frame).to(x.device)  # (B, N)
         c = self.time_embed(timestep_embedding(t_tok, self.time_freq_dim))  # (B, N, D)
         c = c + repeat(self.action_embed(actions), per_frame, l=self.tokens_per_frame)

@@ -49,7 +49,8 @@ class ObjectiveConfig:
     gamma: float = 0.8  # weight of the representation loss
     history_noise: float = 0.0  # history frames get t_hist ~ U[0, history_noise]
     ema_decay: float = 0.999  # teacher EMA decay after warm-up
-    ema_warmup: int = 0  # steps over which the EMA window grows linearly to 1 / (1 - ema_decay)
+    ema_warmup: int = 10000  # steps over which the EMA window grows linearly to 1 / (1 - ema_decay);
+    # keep it >= 10 / (1 - ema_decay): the EMA then averages at most ~the last 10% of the run so far
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -45,6 +45,7 @@ from selfflow_world.objective import (
     ema_update,
     make_teacher,
 )
+from selfflow_world.runtime import autocast, tune_allocator
 
 
 class TrainingError(UserError):
@@ -249,6 +250,8 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.dist, self.device = init_distributed(cfg.device)
+        if self.device.type == "cpu":
+            tune_allocator()  # keep activation pages in the heap between steps (see runtime.py)
         self.out = Path(cfg.out)
         spec = ClipSpec(cfg.history, cfg.future, cfg.stride, cfg.val_fraction, cfg.seed, cfg.skip_corrupt)
         self.train_set = ClipDataset(cfg.data, spec, "train")
@@ -301,7 +304,6 @@ class Trainer:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, **ddp_args)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
-        self.autocast = self.device.type == "cuda" and cfg.bf16
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Path | None:
@@ -388,7 +390,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with autocast(self.device, self.cfg.bf16):
             loss, metrics = compute_loss(
                 self.train_model,
                 batch,
@@ -493,7 +495,7 @@ class Trainer:
             if i >= self.cfg.val_batches:
                 break
             batch = to_model_batch(raw, self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with autocast(self.device, self.cfg.bf16):
                 _, metrics = compute_loss(model, batch, flow_cfg, gen, history=self.cfg.history)
                 hist = self.cfg.history
                 frames, actions = batch["frames"], batch["actions"]

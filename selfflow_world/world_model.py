@@ -22,6 +22,7 @@ from torch import Tensor
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
 from selfflow_world.model import ModelConfig, WorldDiT
+from selfflow_world.runtime import autocast, tune_allocator
 from selfflow_world.sampler import METHODS, rollout
 
 
@@ -34,8 +35,9 @@ class _Layout:
 class WorldModel:
     """A trained :class:`~selfflow_world.model.WorldDiT` with its action bounds and training setup."""
 
-    def __init__(self, model: WorldDiT, meta: dict[str, Any], device: torch.device):
+    def __init__(self, model: WorldDiT, meta: dict[str, Any], device: torch.device, bf16: bool = True):
         self.model = model.eval()
+        self.bf16 = bf16  # bf16 autocast where native (CUDA; CPUs with AVX512-BF16 or AMX)
         self.meta = meta
         self.device = device
         self.config: ModelConfig = model.config
@@ -47,14 +49,20 @@ class WorldModel:
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema") -> WorldModel:
+    def load(
+        cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema", bf16: bool = True
+    ) -> WorldModel:
         """Load from a run directory (its newest checkpoint) or a checkpoint directory.
 
         ``weights``: ``ema`` (the evaluation weights, default) or ``model`` (the raw student).
+        ``bf16``: autocast imagination to bf16 where the device runs it natively (CUDA, CPUs with
+        AVX512-BF16 or AMX); ``False`` keeps float32 everywhere.
         """
         if weights not in ("ema", "model"):
             raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
         device = torch.device(device)
+        if device.type == "cpu":
+            tune_allocator()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device {device} requested but CUDA is not available here; use device='cpu'")
         ckpt = resolve_checkpoint(path)
@@ -63,13 +71,13 @@ class WorldModel:
             raise UserError(f"{ckpt} is not a selfflow-world checkpoint (meta.json lacks model_config)")
         model = WorldDiT(ModelConfig(**meta["model_config"]))
         load_weights(ckpt, weights, model)
-        return cls(model.to(device), meta, device)
+        return cls(model.to(device), meta, device, bf16)
 
     @classmethod
     def untrained(cls, like: WorldModel, seed: int = 0) -> WorldModel:
         """A freshly initialised model of the same config (a baseline for evaluation)."""
         model = WorldDiT(like.config, generator=torch.Generator().manual_seed(seed))
-        return cls(model.to(like.device), like.meta, like.device)
+        return cls(model.to(like.device), like.meta, like.device, like.bf16)
 
     # -- conversions ------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:
@@ -172,7 +180,7 @@ class WorldModel:
                     f"context_actions must have one row per context frame ({context.shape[1]}), "
                     f"got {ctx_acts.shape[1]}"
                 )
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, self.bf16):
             out = rollout(
                 self.model,
                 context,
