@@ -11,6 +11,7 @@ What makes a run trustworthy over a week of GPU time:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -162,16 +163,10 @@ def batch_indices(n: int, batch: int, step: int, seed: int, rank: int = 0, world
     return out
 
 
-_PERM_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        if len(_PERM_CACHE) > 4:
-            _PERM_CACHE.clear()
-        _PERM_CACHE[key] = np.random.default_rng([seed, epoch]).permutation(n)
-    return _PERM_CACHE[key]
+    """The seeded order of ``range(n)`` in ``epoch`` (cached: consecutive steps share an epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class StepBatches(torch.utils.data.Sampler):

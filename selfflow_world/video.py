@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,13 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> list[Path]:
         padded = np.pad(frames, ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0)))  # codec block size
         iio.imwrite(mp4, padded, fps=fps, codec="libx264")
         written.append(mp4)
-    except Exception:  # noqa: BLE001 - ffmpeg missing or failing: the GIF is still there
-        pass
+    except Exception as err:  # noqa: BLE001 - ffmpeg missing or failing: the GIF is still there
+        warnings.warn(f"could not write {path.with_suffix('.mp4')} ({err}); the GIF is written", stacklevel=2)
     return written
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per leading index between frames in [-1, 1]: ``(B, ...)`` -> ``(B,)``."""
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1) / 4.0  # in [0, 1] units
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+    """PSNR in dB per leading index between frames in [-1, 1] (see :func:`selfflow_world.metrics.psnr`)."""
+    from selfflow_world.metrics import psnr as _psnr
+
+    return _psnr(a, b)
