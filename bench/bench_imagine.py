@@ -132,25 +132,26 @@ def main() -> None:
         f"context {args.history}, window {model.config.max_frames - 1}"
     )
     print(f"simulator {args.env} env.step + render: {sim:.1f} frames/s (one process)")
+    from selfflow_world.runtime import bf16_supported, tune_allocator
+
+    tune_allocator()  # as WorldModel.load does on CPU
     batches = [int(b) for b in args.batches.split(",")]
     steps_list = [int(s) for s in args.steps.split(",")]
-    print(
-        f"{'batch':>6s} "
-        + " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
-        + "   (imagined frames/s, x simulator)"
-    )
-    for b in batches:
-        cells = []
-        for s in steps_list:
-            fps = imagine_fps(model, b, s, args.horizon, args.history, device)
-            cells.append(f"{fps:9.1f} ({fps / sim:5.2f}x)")
-        print(f"{b:6d} " + " ".join(f"{c:>18s}" for c in cells))
-    times = per_frame_times(model, 16, 4, 32, args.history, device)
-    print(
-        f"one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, frame 32 {times[31] * 1e3:.1f} ms, "
-        f"ratio {times[31] / times[3]:.2f} (flat cost per frame: ~1)"
-    )
-
+    both = args.precision == "both" and bf16_supported(device)
+    for bf16 in [False, True] if both else [args.precision == "bf16"]:
+        header = " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
+        print(f"{'bf16' if bf16 else 'float32':8s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
+        for b in batches:
+            cells = []
+            for s in steps_list:
+                fps = imagine_fps(model, b, s, args.horizon, args.history, device, bf16)
+                cells.append(f"{fps:9.1f} ({fps / sim:5.2f}x)")
+            print(f"{'':8s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))
+        times = per_frame_times(model, 16, 4, 32, args.history, device, bf16)
+        print(
+            f"{'':8s} one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, "
+            f"frame 32 {times[31] * 1e3:.1f} ms, ratio {times[31] / times[3]:.2f} (flat cost per frame: ~1)"
+        )
 
 if __name__ == "__main__":
     main()

@@ -164,7 +164,8 @@ def main() -> None:
     )
     print(
         f"preset {args.model} ({results[0]['params_m']:.2f}M params), batch {args.batch}, "
-        f"clip {args.history}+{args.future} frames, {args.steps} timed steps after {args.warmup} warm-up"
+        f"clip {args.history}+{args.future} frames, {args.steps} timed steps after {args.warmup} warm-up, "
+        f"best of {args.rounds} alternating rounds (a process per mode and round), bf16 where native"
     )
     print(f"{'mode':10s} {'s/step':>8s} {'steps/s':>8s} {'tokens/s':>10s} {'peak MB':>8s} {'TFLOP/s':>8s}")
     for r in results:

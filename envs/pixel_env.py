@@ -220,6 +220,15 @@ class PixelEnv(gym.Env):
         """Length of qvel: ``physics_state[1 + nq : 1 + nq + nv]``."""
         return int(self._backend.model.nv)
 
+    def wrapped_qpos(self) -> list[int]:
+        """qpos indices of hinge joints without limits: angles that wind up past +-pi."""
+        m = self._backend.model
+        return [
+            int(m.jnt_qposadr[j])
+            for j in range(m.njnt)
+            if m.jnt_type[j] == mujoco.mjtJoint.mjJNT_HINGE and not m.jnt_limited[j]
+        ]
+
     @property
     def state_size(self) -> int:
         return int(mujoco.mj_stateSize(self._backend.model, FULL_STATE))

@@ -137,7 +137,32 @@ def history_dependence(
     }
 
 
-def _probe_data(dataset, limit: int, qslice: slice, generator: np.random.Generator):
+@dataclass
+class StateMap:
+    """Physics state vector -> what a probe can see: qpos (with each unlimited hinge angle as its
+    sine and cosine, since an angle that has wound past +-pi looks the same) and qvel."""
+
+    nq: int
+    nv: int
+    wrapped: list[int]
+
+    def __call__(self, states) -> torch.Tensor:
+        """``(..., state_size)`` full physics states -> ``(..., dim)`` float32."""
+        s = torch.as_tensor(np.asarray(states), dtype=torch.float64)
+        qpos, qvel = s[..., 1 : 1 + self.nq], s[..., 1 + self.nq : 1 + self.nq + self.nv]  # [0] is time
+        keep = [i for i in range(self.nq) if i not in self.wrapped]
+        angles = qpos[..., self.wrapped]
+        return torch.cat([qpos[..., keep], angles.sin(), angles.cos(), qvel], -1).float()
+
+    @property
+    def description(self) -> str:
+        return (
+            f"qpos ({self.nq - len(self.wrapped)} raw, {len(self.wrapped)} unlimited hinge angles as sin and cos)"
+            f" + qvel ({self.nv})"
+        )
+
+
+def _probe_data(dataset, limit: int, state_map: StateMap, generator: np.random.Generator):
     """Up to ``limit`` (frame, qpos/qvel) pairs from a split, uint8 (N, 3, h, w) and float (N, S)."""
     from selfflow_world.episodes import load_episode
 
@@ -145,7 +170,7 @@ def _probe_data(dataset, limit: int, qslice: slice, generator: np.random.Generat
     for info in dataset.episodes:
         arr = load_episode(info.path)
         frames.append(np.asarray(arr["frames"]))
-        states.append(np.asarray(arr["states"])[:, qslice])
+        states.append(state_map(arr["states"]).numpy())
     frames, states = np.concatenate(frames), np.concatenate(states)
     if len(frames) > limit:
         pick = np.sort(generator.choice(len(frames), limit, replace=False))
@@ -153,7 +178,7 @@ def _probe_data(dataset, limit: int, qslice: slice, generator: np.random.Generat
     return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(states).float()
 
 
-def _clip_features(wm, dataset, limit: int, qslice: slice, generator: np.random.Generator):
+def _clip_features(wm, dataset, limit: int, state_map: StateMap, generator: np.random.Generator):
     """Model features at t = 0 per block and the physics state of each clip's last frame."""
     n = min(limit, len(dataset))
     pick = np.sort(generator.choice(len(dataset), n, replace=False)) if len(dataset) > n else np.arange(n)
@@ -165,7 +190,7 @@ def _clip_features(wm, dataset, limit: int, qslice: slice, generator: np.random.
         actions = torch.stack([it["actions"] for it in items])
         for layer, f in wm.features(frames, actions).items():
             feats.setdefault(layer, []).append(f.cpu())
-        states.append(torch.stack([it["states"][-1] for it in items])[:, qslice])
+        states.append(state_map(torch.stack([it["states"][-1] for it in items])))
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(states)
 
 
@@ -265,9 +290,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         camera=manifest["camera"],
         action_repeat=manifest["action_repeat"],
     )
-    nq, nv = env.nq, env.nv
+    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
     env.close()
-    qslice = slice(1, 1 + nq + nv)  # physics_state[0] is the simulation time
     if cfg.replay:
         starts = [s + hist - 1 for s in seg.starts]  # the last context frame of each rollout
         truth = replay_frames(manifest["env"], manifest, infos, starts, shuffled)
@@ -288,8 +312,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         split_seed=wm.meta["config"].get("seed", 0),
     )
     train_set, val_set = ClipDataset(cfg.data, spec, "train"), ClipDataset(cfg.data, spec, "val")
-    tr_frames, tr_states = _probe_data(train_set, cfg.probe_frames, qslice, rng)
-    va_frames, va_states = _probe_data(val_set, cfg.probe_frames, qslice, rng)
+    tr_frames, tr_states = _probe_data(train_set, cfg.probe_frames, state_map, rng)
+    va_frames, va_states = _probe_data(val_set, cfg.probe_frames, state_map, rng)
     probe, probe_metrics = fit_probe(
         tr_frames,
         tr_states,
@@ -304,7 +328,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     true_states = torch.from_numpy(
         np.stack(
             [
-                np.asarray(load_episode(i.path)["states"])[s + hist : s + hist + horizon, qslice]
+                state_map(load_episode(i.path)["states"][s + hist : s + hist + horizon]).numpy()
                 for i, s in zip(infos, seg.starts, strict=True)
             ]
         )
@@ -312,7 +336,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     state_report = {
         "floor_rmse": probe_metrics["rmse"],
         "floor_rmse_overall": probe_metrics["rmse_overall"],
-        "state_dims": f"qpos ({nq}) + qvel ({nv})",
+        "state_dims": state_map.description,
     }
     for name, video in videos.items():
         err = probe_error(probe, _video(video), true_states)  # (B, T, S)
@@ -342,8 +366,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     limit = min(cfg.probe_frames, 2000)
     rep = {}
     for name, model in (("model", wm), ("untrained", untrained)):
-        f_tr, y_tr = _clip_features(model, train_set, limit, qslice, np.random.default_rng(cfg.seed))
-        f_va, y_va = _clip_features(model, val_set, limit, qslice, np.random.default_rng(cfg.seed + 1))
+        f_tr, y_tr = _clip_features(model, train_set, limit, state_map, np.random.default_rng(cfg.seed))
+        f_va, y_va = _clip_features(model, val_set, limit, state_map, np.random.default_rng(cfg.seed + 1))
         rep[name] = {
             str(layer): linear_probe_r2(f_tr[layer], y_tr, f_va[layer], y_va, ridge=cfg.ridge)[1]
             for layer in f_tr
