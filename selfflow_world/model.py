@@ -53,6 +53,9 @@ class ModelConfig:
     prev_frame_path: bool = True  # add a linear embedding of the previous frame's same patch
     action_input_path: bool = True  # add a linear embedding of the frame's action to its tokens
     rope_base: float = 100.0  # temporal RoPE base; frame offsets are small
+    # x-prediction as "previous clean frame + predicted change": a fresh model copies the last frame,
+    # so training starts from the copy-last baseline instead of a grey frame (presets turn it on)
+    residual: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +83,8 @@ class ModelConfig:
             raise UserError(f"model prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         if not 0 < self.t_min <= 1:
             raise UserError(f"model t_min must be in (0, 1], got {self.t_min!r}")
+        if self.residual and self.prediction != "x":
+            raise UserError("model residual=true needs prediction=x (it adds the previous frame to the clean-frame output)")
         if not self.rope_base > 1:
             raise UserError(f"model rope_base must be > 1, got {self.rope_base!r}")
 
@@ -89,9 +94,9 @@ class ModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2),  # tests
-    "small": dict(image_size=64, patch=8, width=224, depth=6, heads=4),  # CPU work, 64 tokens per frame
-    "base": dict(image_size=64, patch=4, width=512, depth=12, heads=8),  # GPU, 256 tokens per frame
+    "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2, residual=True),  # tests
+    "small": dict(image_size=64, patch=8, width=224, depth=6, heads=4, residual=True),  # CPU, 64 tokens/frame
+    "base": dict(image_size=64, patch=4, width=512, depth=12, heads=8, residual=True),  # GPU, 256 tokens/frame
 }
 
 
@@ -356,6 +361,8 @@ class WorldDiT(nn.Module):
         if stop_at is not None:
             return hidden
         out = self._unpatchify(self.final(h, c), frames)
+        if self.config.residual:
+            out = out + prev  # (B, T, C, H, W): the change is predicted, the previous frame given
         return (out, hidden) if return_hidden else out
 
     def velocity(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
@@ -458,4 +465,6 @@ class WorldDiT(nn.Module):
         ids = self._frame_ids(cache.next_index, 1, x_t.device)
         h, hidden, _ = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
         out = self._unpatchify(self.final(h, c), 1)[:, 0]
+        if self.config.residual:
+            out = out + prev[:, 0]
         return (out, hidden) if return_hidden else out

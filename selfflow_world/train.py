@@ -66,6 +66,7 @@ class ModelChoice:
     prediction: Optional[str] = None  # noqa: UP045
     prev_frame_path: Optional[bool] = None  # noqa: UP045
     action_input_path: Optional[bool] = None  # noqa: UP045
+    residual: Optional[bool] = None  # noqa: UP045
 
     def build(self, **from_data: Any) -> ModelConfig:
         overrides = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}

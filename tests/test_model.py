@@ -23,7 +23,8 @@ B, T, A = 2, 4, 3
 
 
 def tiny(**overrides) -> WorldDiT:
-    return WorldDiT(model_config("tiny", **{"action_dim": A, "max_frames": T, **overrides}))
+    """The tiny preset with a plain output head unless ``residual=True`` is asked for."""
+    return WorldDiT(model_config("tiny", **{"action_dim": A, "max_frames": T, "residual": False, **overrides}))
 
 
 def perturbed(**overrides) -> WorldDiT:
@@ -59,6 +60,18 @@ def test_fresh_model_outputs_zeros_and_every_block_is_the_identity():
     assert torch.equal(out, torch.zeros_like(x))
     assert torch.equal(hidden[1], hidden[0]) and torch.equal(hidden[2], hidden[0])
     assert hidden[0].abs().sum() > 0
+
+
+def test_fresh_residual_model_copies_the_previous_frame():
+    model = tiny(residual=True)
+    x, t, actions = clip()
+    prev = shift_frames(x)
+    assert torch.equal(model(x, t, actions, prev), prev)  # the copy-last baseline, exactly
+    cache = model.init_cache(B)
+    model.append(cache, x[:, :2], actions[:, :2])
+    assert torch.equal(model.step(cache, torch.randn_like(x[:, 0]), 1.0, actions[:, 2]), x[:, 1])
+    with pytest.raises(UserError, match="residual=true needs prediction=x"):
+        tiny(residual=True, prediction="v")
 
 
 def test_changing_a_later_frame_never_changes_earlier_outputs():

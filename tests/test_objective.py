@@ -219,7 +219,7 @@ def test_invalid_objective_settings_raise_user_errors():
 
 @pytest.mark.parametrize("prediction", ["x", "v"])
 def test_flow_loss_is_velocity_mse_on_target_frames_only(prediction):
-    cfg = model_config("tiny", action_dim=A, max_frames=T, prediction=prediction)
+    cfg = model_config("tiny", action_dim=A, max_frames=T, prediction=prediction, residual=False)
     model = Recorder(WorldDiT(cfg))  # fresh: predicts exactly zero
     batch = tiny_batch()
     loss, _ = compute_loss(

@@ -47,6 +47,8 @@ def test_layouts_round_trip(tiny_run):
 
 def test_deterministic_with_a_generator(tiny_run):
     wm = WorldModel.load(tiny_run)
+    for p in wm.model.final.parameters():  # a barely trained residual model is nearly noise-free
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
     ctx = torch.randint(0, 256, (2, 2, 16, 16, 3), dtype=torch.uint8)
     acts = torch.rand(2, 5, 2) * 2 - 1
     run = lambda seed, method="euler": wm.imagine(  # noqa: E731
