@@ -137,21 +137,31 @@ def main() -> None:
     tune_allocator()  # as WorldModel.load does on CPU
     batches = [int(b) for b in args.batches.split(",")]
     steps_list = [int(s) for s in args.steps.split(",")]
-    both = args.precision == "both" and bf16_supported(device)
-    for bf16 in [False, True] if both else [args.precision == "bf16"]:
+    native = bf16_supported(device)
+    variants = [("float32", model, False)]
+    if native and args.precision in ("both", "bf16"):
+        variants.append(("bf16 autocast", model, True))
+        if device.type == "cpu":  # what WorldModel does on such CPUs
+            import copy
+
+            variants.append(("bf16 weights", copy.deepcopy(model).to(torch.bfloat16), False))
+    if args.precision == "bf16":
+        variants = variants[1:]
+    for label, net, bf16 in variants:
         header = " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
-        print(f"{'bf16' if bf16 else 'float32':8s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
+        print(f"{label:14s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
         for b in batches:
             cells = []
             for s in steps_list:
-                fps = imagine_fps(model, b, s, args.horizon, args.history, device, bf16)
+                fps = imagine_fps(net, b, s, args.horizon, args.history, device, bf16)
                 cells.append(f"{fps:9.1f} ({fps / sim:5.2f}x)")
-            print(f"{'':8s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))
-        times = per_frame_times(model, 16, 4, 32, args.history, device, bf16)
+            print(f"{'':14s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))
+        times = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
         print(
-            f"{'':8s} one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, "
+            f"{'':14s} one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, "
             f"frame 32 {times[31] * 1e3:.1f} ms, ratio {times[31] / times[3]:.2f} (flat cost per frame: ~1)"
         )
+
 
 if __name__ == "__main__":
     main()

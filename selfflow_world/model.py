@@ -84,7 +84,9 @@ class ModelConfig:
         if not 0 < self.t_min <= 1:
             raise UserError(f"model t_min must be in (0, 1], got {self.t_min!r}")
         if self.residual and self.prediction != "x":
-            raise UserError("model residual=true needs prediction=x (it adds the previous frame to the clean-frame output)")
+            raise UserError(
+                "model residual=true needs prediction=x (it adds the previous frame to the clean-frame output)"
+            )
         if not self.rope_base > 1:
             raise UserError(f"model rope_base must be > 1, got {self.rope_base!r}")
 
@@ -96,7 +98,9 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2, residual=True),  # tests
     "small": dict(image_size=64, patch=8, width=224, depth=6, heads=4, residual=True),  # CPU, 64 tokens/frame
-    "base": dict(image_size=64, patch=4, width=512, depth=12, heads=8, residual=True),  # GPU, 256 tokens/frame
+    "base": dict(
+        image_size=64, patch=4, width=512, depth=12, heads=8, residual=True
+    ),  # GPU, 256 tokens/frame
 }
 
 
@@ -264,6 +268,8 @@ class WorldDiT(nn.Module):
                 f"actions must have shape {(b, frames, self.config.action_dim)}, got {tuple(actions.shape)}"
             )
         per_frame = "b t d -> b (t l) d"
+        dtype = self.patch_embed.weight.dtype  # float32, or bf16 for a model cast for inference
+        x, prev, actions = x.to(dtype), prev.to(dtype), actions.to(dtype)
         h = self.patch_embed(self._patchify(x)) + self.pos.repeat(frames, 1)  # (B, N, D)
         if self.prev_embed is not None:
             h = h + self.prev_embed(self._patchify(prev))
@@ -275,10 +281,12 @@ class WorldDiT(nn.Module):
             # tokens share one conditioning vector, (B, 1, D), which the blocks broadcast, so the
             # adaLN modulation is computed once per frame instead of once per token
             t_ex = t_in.reshape(-1).expand(b).to(x.device)[:, None]  # (B, 1)
-            c = self.time_embed(timestep_embedding(t_ex, self.time_freq_dim)) + self.action_embed(actions)
+            c = self.time_embed(timestep_embedding(t_ex, self.time_freq_dim).to(dtype)) + self.action_embed(
+                actions
+            )
             return h, c
         t_tok = tokens_t(t, b, frames, self.tokens_per_frame).to(x.device)  # (B, N)
-        c = self.time_embed(timestep_embedding(t_tok, self.time_freq_dim))  # (B, N, D)
+        c = self.time_embed(timestep_embedding(t_tok, self.time_freq_dim).to(dtype))  # (B, N, D)
         c = c + repeat(self.action_embed(actions), per_frame, l=self.tokens_per_frame)
         return h, c
 
@@ -307,6 +315,7 @@ class WorldDiT(nn.Module):
         if any(not 0 <= i <= last for i in wanted):
             raise UserError(f"return_hidden indices must be in [0, {last}], got {sorted(wanted)}")
         cos, sin = rope_cos_sin(query_ids, self.config.width // self.config.heads, self.config.rope_base)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         hidden = {0: h} if 0 in wanted else {}
         kvs = []
         for index, block in enumerate(self.blocks[:last], start=1):
@@ -360,7 +369,7 @@ class WorldDiT(nn.Module):
         h, hidden, _ = self._trunk(h, c, ids, mask, return_hidden=wanted, stop_at=stop_at)
         if stop_at is not None:
             return hidden
-        out = self._unpatchify(self.final(h, c), frames)
+        out = self._unpatchify(self.final(h, c), frames).float()  # float32 whatever the weights
         if self.config.residual:
             out = out + prev  # (B, T, C, H, W): the change is predicted, the previous frame given
         return (out, hidden) if return_hidden else out
@@ -464,7 +473,7 @@ class WorldDiT(nn.Module):
         h, c = self._embed(clip, t, actions, prev)
         ids = self._frame_ids(cache.next_index, 1, x_t.device)
         h, hidden, _ = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
-        out = self._unpatchify(self.final(h, c), 1)[:, 0]
+        out = self._unpatchify(self.final(h, c), 1)[:, 0].float()
         if self.config.residual:
             out = out + prev[:, 0]
         return (out, hidden) if return_hidden else out

@@ -21,7 +21,9 @@ _M_MMAP_THRESHOLD = -3
 _DONE = False
 
 
-def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 64 << 20) -> bool:
+def tune_allocator(
+    mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30, top_pad: int = 64 << 20
+) -> bool:
     """Raise glibc's mmap/trim thresholds once per process; returns whether it applied (Linux glibc)."""
     global _DONE
     if _DONE:
