@@ -22,7 +22,7 @@ from torch import Tensor
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
 from selfflow_world.model import ModelConfig, WorldDiT
-from selfflow_world.runtime import autocast, bf16_supported, tune_allocator
+from selfflow_world.runtime import autocast, tune_allocator
 from selfflow_world.sampler import METHODS, rollout
 
 
@@ -37,12 +37,7 @@ class WorldModel:
 
     def __init__(self, model: WorldDiT, meta: dict[str, Any], device: torch.device, bf16: bool = True):
         self.model = model.eval()
-        self.bf16 = bf16
-        # bf16 where native: on a CPU the weights themselves become bf16 (autocast there spends a
-        # fifth of a step converting dtypes, see BENCHMARKS.md); on CUDA, bf16 autocast
-        self._bf16_weights = bf16 and device.type == "cpu" and bf16_supported(device)
-        if self._bf16_weights:
-            self.model = self.model.to(torch.bfloat16)
+        self.bf16 = bf16  # bf16 autocast where native: CUDA, CPUs with AVX512-BF16 or AMX
         self.meta = meta
         self.device = device
         self.config: ModelConfig = model.config
@@ -86,7 +81,7 @@ class WorldModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The weights' dtype (bf16 on CPUs that run it natively unless loaded with ``bf16=False``)."""
+        """The weights' dtype (float32 unless the model was cast, e.g. ``wm.model.to(torch.bfloat16)``)."""
         return next(self.model.parameters()).dtype
 
     # -- conversions ------------------------------------------------------------------------------
@@ -190,7 +185,7 @@ class WorldModel:
                     f"context_actions must have one row per context frame ({context.shape[1]}), "
                     f"got {ctx_acts.shape[1]}"
                 )
-        with autocast(self.device, self.bf16 and not self._bf16_weights):
+        with autocast(self.device, self.bf16):
             out = rollout(
                 self.model,
                 context,
