@@ -148,7 +148,10 @@ class StateMap:
 
     def __call__(self, states) -> torch.Tensor:
         """``(..., state_size)`` full physics states -> ``(..., dim)`` float32."""
-        s = torch.as_tensor(np.array(states, dtype=np.float64))  # a copy: states may be a read-only mmap
+        if isinstance(states, torch.Tensor):
+            s = states.double()
+        else:
+            s = torch.from_numpy(np.array(states, dtype=np.float64))  # a copy: states may be a read-only mmap
         qpos, qvel = s[..., 1 : 1 + self.nq], s[..., 1 + self.nq : 1 + self.nq + self.nv]  # [0] is time
         keep = [i for i in range(self.nq) if i not in self.wrapped]
         angles = qpos[..., self.wrapped]
