@@ -24,6 +24,17 @@ from selfflow_world.episodes import EpisodeInfo, inspect_episode, list_episodes,
 from selfflow_world.errors import UserError
 
 
+def per_frame(steps: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Per-step values (``steps[k]`` belongs to the step from frame ``k`` to ``k+1``: an action, a
+    reward, a flag) aligned to frames ``first .. first+count-1``: ``out[j] = steps[first+j-1]``, zero
+    (False) for the reset frame, which no step precedes. ``(count, ...)``, the dtype of ``steps``."""
+    out = np.zeros((count, *steps.shape[1:]), dtype=steps.dtype)
+    lo = max(first - 1, 0)
+    vals = np.asarray(steps[lo : first + count - 1])
+    out[count - len(vals) :] = vals
+    return out
+
+
 @dataclass
 class ClipSpec:
     """How to cut clips and split episodes.
@@ -149,25 +160,16 @@ class ClipDataset(Dataset):
         end = start + self.spec.length
         frames = np.asarray(arr["frames"][start:end]).transpose(0, 3, 1, 2)  # (T, 3, H, W)
 
-        def per_frame(x: np.ndarray, fill) -> np.ndarray:
-            # x is indexed by step k (k -> k+1); frame j of the clip takes step start+j-1
-            out = np.empty((self.spec.length, *x.shape[1:]), dtype=x.dtype)
-            lo = max(start - 1, 0)
-            vals = np.asarray(x[lo : end - 1])
-            out[len(out) - len(vals) :] = vals
-            if start == 0:
-                out[0] = fill
-            return out
-
-        actions = self.normalize_actions(per_frame(arr["actions"], 0.0))
+        n = self.spec.length
+        actions = self.normalize_actions(per_frame(arr["actions"], start, n))
         if start == 0:
-            actions[0] = 0.0  # no action precedes the reset frame
+            actions[0] = 0.0  # no action precedes the reset frame (zero in normalised units)
         return {
             "frames": torch.from_numpy(np.ascontiguousarray(frames)),
             "actions": torch.from_numpy(actions.astype(np.float32)),
-            "rewards": torch.from_numpy(per_frame(arr["rewards"], 0.0).astype(np.float32)),
-            "terminated": torch.from_numpy(per_frame(arr["terminated"], False)),
-            "truncated": torch.from_numpy(per_frame(arr["truncated"], False)),
+            "rewards": torch.from_numpy(per_frame(arr["rewards"], start, n).astype(np.float32)),
+            "terminated": torch.from_numpy(per_frame(arr["terminated"], start, n)),
+            "truncated": torch.from_numpy(per_frame(arr["truncated"], start, n)),
             "states": torch.from_numpy(np.asarray(arr["states"][start:end], dtype=np.float32)),
             "episode": torch.tensor(self.episodes[pos].index),
             "start": torch.tensor(start),

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from selfflow_world.errors import UserError, check_positive
+from selfflow_world.runtime import resolve_device
+from selfflow_world.video import to_float
 
 
 @dataclass
@@ -51,11 +53,6 @@ class EvalConfig:
     ridge: float = 1.0
 
 
-def _video(x: np.ndarray) -> torch.Tensor:
-    """uint8 (B, T, h, w, 3) -> float (B, T, 3, h, w) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
-
-
 def _curve(per_episode: torch.Tensor, level: float) -> dict[str, list[float]]:
     """(B, T) -> mean and CI per horizon."""
     from selfflow_world.metrics import mean_ci
@@ -71,34 +68,21 @@ def _summary(per_episode: torch.Tensor, level: float) -> dict[str, float]:
     return {"mean": mean, "low": low, "high": high}
 
 
-def replay_frames(env_name: str, manifest: dict, infos, starts: list[int], actions: np.ndarray) -> np.ndarray:
-    """Frames the simulator shows when ``actions`` (B, T, A) are applied from frame ``starts[b]`` of
-    each episode (physics state restored after a reset with the episode's seed): uint8 (B, T, h, w, 3)."""
-    from selfflow_world.envs import make
-    from selfflow_world.episodes import load_episode
-
-    env = make(
-        env_name,
-        size=tuple(manifest["size"]),
-        camera=manifest["camera"],
-        action_repeat=manifest["action_repeat"],
-    )
-    try:
-        out = []
-        for b, info in enumerate(infos):
-            states = load_episode(info.path)["states"]
-            env.restore(np.asarray(states[starts[b]]), seed=info.meta["env_seed"])
-            frames = []
-            for a in actions[b]:
-                obs, _, term, trunc, _ = env.step(a)
-                frames.append(obs)
-                if term:  # the episode ended under these actions: hold the last frame
-                    break
-            frames += [frames[-1]] * (len(actions[b]) - len(frames))
-            out.append(np.stack(frames))
-        return np.stack(out)
-    finally:
-        env.close()
+def replay_frames(env, infos, start_states: np.ndarray, actions: np.ndarray) -> np.ndarray:
+    """Frames the simulator shows when ``actions`` (B, T, A) are applied from ``start_states`` (B, S),
+    each restored after a reset with its episode's seed: uint8 (B, T, h, w, 3)."""
+    out = []
+    for b, info in enumerate(infos):
+        env.restore(start_states[b], seed=info.meta["env_seed"])
+        frames = []
+        for a in actions[b]:
+            obs, _, term, _, _ = env.step(a)
+            frames.append(obs)
+            if term:  # the episode ended under these actions: hold the last frame
+                break
+        frames += [frames[-1]] * (len(actions[b]) - len(frames))
+        out.append(np.stack(frames))
+    return np.stack(out)
 
 
 @torch.no_grad()
@@ -112,7 +96,7 @@ def history_dependence(
     1 when the prediction follows the history as the data does, 0 when it ignores it.
     """
     model = wm.model
-    context = _video(ctx).to(wm.device)
+    context = to_float(ctx).to(wm.device)
     ctx_a = wm.normalize_actions(torch.from_numpy(ctx_act).to(wm.device))
     action = wm.normalize_actions(torch.from_numpy(actions[:, 0]).to(wm.device))
     gen = torch.Generator(wm.device).manual_seed(seed)
@@ -127,7 +111,7 @@ def history_dependence(
 
     own = predict(context, ctx_a)
     swapped = predict(context.roll(1, 0), ctx_a.roll(1, 0))
-    nxt = _video(real[:, :1])[:, 0].to(wm.device)
+    nxt = to_float(real[:, 0]).to(wm.device)
     change = float((own - swapped).abs().mean())
     truth = float((nxt - nxt.roll(1, 0)).abs().mean())
     return {
@@ -202,7 +186,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from selfflow_world.clips import ClipDataset, ClipSpec
     from selfflow_world.envs import make
     from selfflow_world.episodes import read_manifest
-    from selfflow_world.imagine import load_segments, pick_device
+    from selfflow_world.imagine import load_segments
     from selfflow_world.metrics import (
         controllability_gap,
         frechet_distance,
@@ -221,7 +205,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             raise UserError(f"{name}= is required (e.g. sfw eval ckpt=RUN data=DATA out=DIR)")
     if not 0 < cfg.level < 1:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
-    wm = WorldModel.load(cfg.ckpt, device=pick_device(cfg.device))
+    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
     untrained = WorldModel.untrained(wm, seed=cfg.seed)
     hist = wm.history
     # one rollout per validation episode; short splits take several segments per episode, and a
@@ -256,7 +240,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         "untrained": imagine(untrained, fut_act),
     }
     shuffled_video = imagine(wm, shuffled)
-    real_t = _video(real)
+    real_t = to_float(real)  # float (B, T, 3, h, w), converted once like every video below
+    videos_t = {k: to_float(v) for k, v in videos.items()}
+    shuffled_t = to_float(shuffled_video)
     report: dict = {
         "checkpoint": str(cfg.ckpt),
         "step": wm.meta.get("step"),
@@ -270,8 +256,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         "level": cfg.level,
     }
     report["history_use"] = history_dependence(wm, ctx, ctx_act, fut_act, real, cfg.seed)
-    psnr_all = {k: psnr_per_horizon(real_t, _video(v)) for k, v in videos.items()}
-    ssim_all = {k: ssim_per_horizon(real_t, _video(v)) for k, v in videos.items()}
+    psnr_all = {k: psnr_per_horizon(real_t, v) for k, v in videos_t.items()}
+    ssim_all = {k: ssim_per_horizon(real_t, v) for k, v in videos_t.items()}
     report["psnr"] = {
         k: {"per_horizon": _curve(v, cfg.level), "overall": _summary(v, cfg.level)}
         for k, v in psnr_all.items()
@@ -282,8 +268,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     }
 
     # controllability: error against the recorded frames, true vs shuffled actions
-    mse_true = (_video(videos["model"]) - real_t).pow(2).flatten(2).mean(2)
-    mse_shuf = (_video(shuffled_video) - real_t).pow(2).flatten(2).mean(2)
+    mse_true = (videos_t["model"] - real_t).pow(2).flatten(2).mean(2)
+    mse_shuf = (shuffled_t - real_t).pow(2).flatten(2).mean(2)
     report["controllability"] = controllability_gap(mse_true, mse_shuf, cfg.level)
     report["controllability"]["metric"] = "per-frame MSE in [-1, 1] units against recorded frames"
 
@@ -293,18 +279,20 @@ def run_eval(cfg: EvalConfig) -> dict:
         camera=manifest["camera"],
         action_repeat=manifest["action_repeat"],
     )
-    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
-    env.close()
-    if cfg.replay:
-        starts = [s + hist - 1 for s in seg.starts]  # the last context frame of each rollout
-        truth = replay_frames(manifest["env"], manifest, infos, starts, shuffled)
-        check = replay_frames(manifest["env"], manifest, infos, starts, fut_act)
-        report["replay"] = {
-            "psnr_shuffled_actions": {
-                "per_horizon": _curve(psnr_per_horizon(_video(truth), _video(shuffled_video)), cfg.level)
-            },
-            "replay_matches_recording": bool(np.array_equal(check, real)),
-        }
+    try:
+        state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
+        if cfg.replay:
+            start_states = seg.states[:, hist - 1]  # the last context frame of each rollout
+            truth = replay_frames(env, infos, start_states, shuffled)
+            check = replay_frames(env, infos, start_states, fut_act)
+            report["replay"] = {
+                "psnr_shuffled_actions": {
+                    "per_horizon": _curve(psnr_per_horizon(to_float(truth), shuffled_t), cfg.level)
+                },
+                "replay_matches_recording": bool(np.array_equal(check, real)),
+            }
+    finally:
+        env.close()
 
     # state probe trained on real frames only
     rng = np.random.default_rng(cfg.seed)
@@ -326,30 +314,23 @@ def run_eval(cfg: EvalConfig) -> dict:
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     floor = torch.tensor(probe_metrics["rmse"])
-    from selfflow_world.episodes import load_episode
-
-    true_states = torch.from_numpy(
-        np.stack(
-            [
-                state_map(load_episode(i.path)["states"][s + hist : s + hist + horizon]).numpy()
-                for i, s in zip(infos, seg.starts, strict=True)
-            ]
-        )
-    ).float()  # (B, T, S)
+    true_states = state_map(seg.states[:, hist:])  # (B, T, S)
     state_report = {
         "floor_rmse": probe_metrics["rmse"],
         "floor_rmse_overall": probe_metrics["rmse_overall"],
         "state_dims": state_map.description,
     }
-    for name, video in videos.items():
-        err = probe_error(probe, _video(video), true_states)  # (B, T, S)
+    probe_errors = {
+        name: probe_error(probe, video, true_states) for name, video in videos_t.items()
+    }  # (B, T, S)
+    for name, err in probe_errors.items():
         rel = (err.pow(2).mean(0).sqrt() / floor.clamp(min=1e-8)).mean(-1)  # (T,)
         state_report[name] = {
             "rmse_per_horizon": err.pow(2).mean(dim=(0, 2)).sqrt().tolist(),
             "relative_to_floor_per_horizon": rel.tolist(),
         }
     real_probed = probe_error(probe, real_t, true_states) + true_states
-    model_probed = probe_error(probe, _video(videos["model"]), true_states) + true_states
+    model_probed = probe_errors["model"] + true_states
 
     def transitions(s: torch.Tensor) -> torch.Tensor:  # (B, T, S) -> (B*(T-1), 2S)
         return torch.cat([s[:, :-1], s[:, 1:] - s[:, :-1]], -1).flatten(0, 1)
@@ -359,7 +340,7 @@ def run_eval(cfg: EvalConfig) -> dict:
             "model_vs_true": frechet_distance(transitions(model_probed), transitions(true_states)),
             "real_frames_vs_true": frechet_distance(transitions(real_probed), transitions(true_states)),
             "copy_last_vs_true": frechet_distance(
-                transitions(probe_error(probe, _video(videos["copy_last"]), true_states) + true_states),
+                transitions(probe_errors["copy_last"] + true_states),
                 transitions(true_states),
             ),
         }

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow_world.clips import per_frame
 from selfflow_world.errors import UserError, check_positive
+from selfflow_world.runtime import resolve_device
 
 
 @dataclass
@@ -29,35 +31,18 @@ class ImagineConfig:
     fps: int = 8
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def per_frame_actions(actions: np.ndarray, first: int, count: int) -> np.ndarray:
-    """Actions that produced frames ``first .. first+count-1`` of an episode (zeros before frame 0).
-
-    ``actions`` is the episode's ``(T, A)`` array, where ``a_k`` takes frame ``k`` to ``k+1``.
-    """
-    out = np.zeros((count, actions.shape[1]), np.float32)
-    for j in range(count):
-        k = first + j - 1
-        if k >= 0:
-            out[j] = actions[k]
-    return out
-
-
 @dataclass
 class Segments:
     """Rollouts cut from recorded episodes: uint8 context ``(B, H, h, w, 3)``, its actions ``(B, H, A)``,
-    future actions ``(B, T, A)`` (env units), uint8 real future frames ``(B, T, h, w, 3)``, and per
-    row the episode info and the frame index where its context starts."""
+    future actions ``(B, T, A)`` (env units), uint8 real future frames ``(B, T, h, w, 3)``, physics
+    states of all ``H + T`` frames ``(B, H + T, S)``, and per row the episode info and the frame
+    index where its context starts."""
 
     context: np.ndarray
     context_actions: np.ndarray
     actions: np.ndarray
     real: np.ndarray
+    states: np.ndarray
     infos: list
     starts: list[int]
     split: str
@@ -102,19 +87,21 @@ def load_segments(
     ][:count]
     if len(rows) < min_rows and split != "all":
         return load_segments(wm, data, "all", count, history, horizon, per_episode, min_rows)
-    ctx, ctx_act, fut_act, real = [], [], [], []
+    ctx, ctx_act, fut_act, real, states = [], [], [], [], []
     for info, start in rows:
         arr = load_episode(info.path)
         ctx.append(np.asarray(arr["frames"][start : start + history]))
         real.append(np.asarray(arr["frames"][start + history : start + history + horizon]))
         acts = np.asarray(arr["actions"], np.float32)
-        ctx_act.append(per_frame_actions(acts, start, history))
+        ctx_act.append(per_frame(acts, start, history))
         fut_act.append(acts[start + history - 1 : start + history - 1 + horizon])
+        states.append(np.asarray(arr["states"][start : start + history + horizon]))
     return Segments(
         np.stack(ctx),
         np.stack(ctx_act),
         np.stack(fut_act),
         np.stack(real),
+        np.stack(states),
         [r[0] for r in rows],
         [r[1] for r in rows],
         split,
@@ -124,7 +111,7 @@ def load_segments(
 def run_imagine(cfg: ImagineConfig) -> list[dict]:
     """Write the videos; returns per-episode PSNR summaries."""
     from selfflow_world.metrics import psnr_per_horizon
-    from selfflow_world.video import side_by_side, write_video
+    from selfflow_world.video import side_by_side, to_float, write_video
     from selfflow_world.world_model import WorldModel
 
     for name in ("horizon", "episodes", "steps", "fps"):
@@ -132,7 +119,7 @@ def run_imagine(cfg: ImagineConfig) -> list[dict]:
     for name in ("ckpt", "data", "out"):
         if getattr(cfg, name) in ("???", "", None):
             raise UserError(f"{name}= is required (e.g. sfw imagine ckpt=RUN data=DATA out=DIR)")
-    wm = WorldModel.load(cfg.ckpt, device=pick_device(cfg.device))
+    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
     real, infos = seg.real, seg.infos
     gen = torch.Generator(wm.device).manual_seed(cfg.seed)
@@ -146,10 +133,7 @@ def run_imagine(cfg: ImagineConfig) -> list[dict]:
         history_level=cfg.history_level,
     )
     out = Path(cfg.out)
-    scores = psnr_per_horizon(
-        torch.from_numpy(real).permute(0, 1, 4, 2, 3).float() / 127.5 - 1,
-        torch.from_numpy(imagined).permute(0, 1, 4, 2, 3).float() / 127.5 - 1,
-    )
+    scores = psnr_per_horizon(to_float(real), to_float(imagined))
     summary = []
     for b, info in enumerate(infos):
         files = write_video(out / f"ep_{info.index:06d}", side_by_side(real[b], imagined[b]), fps=cfg.fps)

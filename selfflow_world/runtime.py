@@ -49,6 +49,21 @@ def tune_allocator(
     return ok
 
 
+def resolve_device(setting: str) -> torch.device:
+    """``auto`` (CUDA if available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+    from selfflow_world.errors import UserError
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as err:
+        raise UserError(f"device {setting!r} is not valid; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={setting} but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

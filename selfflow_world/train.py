@@ -33,7 +33,7 @@ from selfflow_world.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from selfflow_world.clips import ClipDataset, ClipSpec
+from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
 from selfflow_world.episodes import manifest_fingerprint
 from selfflow_world.errors import UserError
 from selfflow_world.logger import Logger
@@ -46,7 +46,7 @@ from selfflow_world.objective import (
     ema_update,
     make_teacher,
 )
-from selfflow_world.runtime import autocast, tune_allocator
+from selfflow_world.runtime import autocast, resolve_device, tune_allocator
 
 
 class TrainingError(UserError):
@@ -219,15 +219,7 @@ def init_distributed(device_setting: str) -> tuple[Dist, torch.device]:
         if use_cuda:
             torch.cuda.set_device(device)
         return info, device
-    if device_setting == "auto":
-        device = torch.device("cuda" if use_cuda else "cpu")
-    else:
-        try:
-            device = torch.device(device_setting)
-        except RuntimeError as err:
-            raise UserError(f"device {device_setting!r} is not valid; use auto, cpu, cuda or cuda:N") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device={device_setting} but CUDA is not available here; use device=cpu or auto")
+    device = resolve_device(device_setting)
     return Dist(), device
 
 
@@ -512,7 +504,7 @@ class Trainer:
         """real | imagined | error videos of validation episodes, ``sample_frames`` ahead."""
         from selfflow_world.episodes import load_episode
         from selfflow_world.sampler import rollout
-        from selfflow_world.video import side_by_side, to_uint8, write_video
+        from selfflow_world.video import side_by_side, to_float, to_uint8, write_video
 
         model, hist = self.ema.eval(), self.cfg.history
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 7)
@@ -521,12 +513,10 @@ class Trainer:
             horizon = min(self.cfg.sample_frames, info.steps + 1 - hist)
             if horizon < 1:
                 continue
-            frames = torch.from_numpy(np.array(arr["frames"][: hist + horizon])).permute(0, 3, 1, 2)
-            frames = frames.float().to(self.device) / 127.5 - 1.0
-            acts = np.asarray(
-                self.val_set.normalize_actions(arr["actions"][: hist + horizon - 1]), np.float32
-            )
-            acts = torch.from_numpy(np.concatenate([np.zeros_like(acts[:1]), acts])).to(self.device)
+            frames = to_float(np.array(arr["frames"][: hist + horizon])).to(self.device)  # (T, 3, H, W)
+            acts = self.val_set.normalize_actions(per_frame(arr["actions"], 0, hist + horizon))
+            acts[0] = 0.0  # no action precedes the reset frame
+            acts = torch.from_numpy(acts.astype(np.float32)).to(self.device)
             imagined = rollout(
                 model,
                 frames[None, :hist],

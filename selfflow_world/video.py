@@ -19,6 +19,12 @@ def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     return frames.transpose(0, 2, 3, 1)
 
 
+def to_float(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``(..., H, W, C)`` -> float ``(..., C, H, W)`` in [-1, 1] (the inverse of :func:`to_uint8`)."""
+    x = torch.as_tensor(np.ascontiguousarray(frames)) if isinstance(frames, np.ndarray) else frames
+    return x.movedim(-1, -3).float() / 127.5 - 1.0
+
+
 def side_by_side(real: np.ndarray, imagined: np.ndarray, scale: int = 2) -> np.ndarray:
     """uint8 ``(T, H, W, 3)`` pair -> ``(T, H*s, 3*W*s + 2*s, 3)``: real | imagined | |error|."""
     error = np.abs(real.astype(np.int16) - imagined.astype(np.int16)).astype(np.uint8)

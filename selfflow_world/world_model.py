@@ -24,6 +24,7 @@ from selfflow_world.errors import UserError
 from selfflow_world.model import ModelConfig, WorldDiT
 from selfflow_world.runtime import autocast, tune_allocator
 from selfflow_world.sampler import METHODS, rollout
+from selfflow_world.video import to_float
 
 
 @dataclass
@@ -79,11 +80,6 @@ class WorldModel:
         model = WorldDiT(like.config, generator=torch.Generator().manual_seed(seed))
         return cls(model.to(like.device), like.meta, like.device, like.bf16)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The weights' dtype (float32 unless the model was cast, e.g. ``wm.model.to(torch.bfloat16)``)."""
-        return next(self.model.parameters()).dtype
-
     # -- conversions ------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:
         """Env units -> [-1, 1]."""
@@ -104,7 +100,7 @@ class WorldModel:
                     f"{name} uint8 frames must be (B, T, {size}, {size}, {channels}), got {tuple(x.shape)}"
                 )
             layout.uint8 = True
-            x = x.permute(0, 1, 4, 2, 3).float() / 127.5 - 1.0
+            x = to_float(x)
         elif x.is_floating_point():
             if tuple(x.shape[2:]) != (channels, size, size):
                 raise UserError(

@@ -59,7 +59,17 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     from selfflow_world.train import TrainConfig, Trainer
 
     out = tmp_path_factory.mktemp("tiny_run") / "run"
-    overrides = [f"data={tiny_dataset}", f"out={out}", "model=tiny", "objective=selfflow", "steps=3",
-                 "batch_size=4", "tensorboard=false", "val_every=100", "sample_every=100", "ckpt_every=100"]
+    overrides = [
+        f"data={tiny_dataset}",
+        f"out={out}",
+        "model=tiny",
+        "objective=selfflow",
+        "steps=3",
+        "batch_size=4",
+        "tensorboard=false",
+        "val_every=100",
+        "sample_every=100",
+        "ckpt_every=100",
+    ]
     Trainer(load_config("train", overrides, TrainConfig)).fit()
     return out

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from selfflow_world.cli import main
+from selfflow_world.clips import per_frame as per_frame_actions
 from selfflow_world.config import load_config
 from selfflow_world.evaluate import EvalConfig, run_eval
-from selfflow_world.imagine import per_frame_actions
 
 REPORT_KEYS = {
     "checkpoint",

@@ -24,7 +24,9 @@ B, T, A = 2, 4, 3
 
 def tiny(**overrides) -> WorldDiT:
     """The tiny preset with a plain output head unless ``residual=True`` is asked for."""
-    return WorldDiT(model_config("tiny", **{"action_dim": A, "max_frames": T, "residual": False, **overrides}))
+    return WorldDiT(
+        model_config("tiny", **{"action_dim": A, "max_frames": T, "residual": False, **overrides})
+    )
 
 
 def perturbed(**overrides) -> WorldDiT:
