@@ -21,6 +21,7 @@ REPORT_KEYS = {
     "horizon",
     "psnr",
     "ssim",
+    "psnr_gain_over_copy_last",
     "controllability",
     "replay",
     "state_probe",
@@ -89,6 +90,14 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
         assert (out / plot).stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "copy_last" in md and "Controllability" in md
+    # the paired gain is the per-rollout difference, so its mean is the difference of the means
+    gain = saved["psnr_gain_over_copy_last"]["per_horizon"]["mean"]
+    for j, g in enumerate(gain):
+        p = saved["psnr"]
+        assert g == pytest.approx(
+            p["model"]["per_horizon"]["mean"][j] - p["copy_last"]["per_horizon"]["mean"][j], abs=1e-4
+        )
+    assert "paired" in md
     # copying the last context frame scores the same as computing it by hand
     assert saved["psnr"]["copy_last"]["per_horizon"]["mean"][0] > 10
 
