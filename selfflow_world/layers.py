@@ -78,7 +78,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+        # the fused kernel (statistics in float32); the output keeps the input's dtype, so bf16
+        # queries and keys stay bf16 under autocast (2.3x faster than the composed ops on CPU)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 class Attention(nn.Module):
@@ -107,11 +109,28 @@ class Attention(nn.Module):
         the rotated keys and values of ``x``'s tokens ``(B, h, N, d)`` for a cache.
         """
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(self.q_norm(q), cos, sin)  # (B, h, N, d)
         k = apply_rope(self.k_norm(k), cos, sin)
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, h, N, d)
+        out = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax attention ``(B, h, Nq, d)`` over ``(B, h, Nk, d)`` keys/values (mask: True = attend).
+
+    ``scaled_dot_product_attention`` everywhere, except bf16 inference on CPU, where two batched
+    matmuls around a softmax (which accumulates in float32 internally) measured 1.6x faster than its
+    flash kernel for rollout shapes (64 queries over 192 keys: 5.2 vs 8.4 ms at batch 64), with the
+    same error against a float32 reference (about 0.01, the rounding of the bf16 output).
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # scaling the queries is the cheaper side
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -122,15 +141,14 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 class Block(nn.Module):
     """Transformer block with per-token adaLN-Zero: shift, scale and gate come from ``c (B, N, D)``."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str = "gelu_tanh") -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width)
-        )
+        gelu = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), gelu, nn.Linear(hidden, width))
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(

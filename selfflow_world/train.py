@@ -67,6 +67,7 @@ class ModelChoice:
     prev_frame_path: Optional[bool] = None  # noqa: UP045
     action_input_path: Optional[bool] = None  # noqa: UP045
     residual: Optional[bool] = None  # noqa: UP045
+    mlp_act: Optional[str] = None  # noqa: UP045
 
     def build(self, **from_data: Any) -> ModelConfig:
         overrides = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
@@ -231,6 +232,26 @@ def _check_data_matches(model_cfg: dict[str, Any], image: int, action_dim: int, 
         )
 
 
+def _resumed_model_config(saved: dict[str, Any], asked: ModelConfig, ckpt: Path) -> ModelConfig:
+    """The checkpoint's architecture. Settings that it predates keep their former defaults (e.g.
+    ``mlp_act``); any saved setting that this run's config changes is an error naming them."""
+    try:
+        resumed = ModelConfig(**saved)
+    except TypeError as err:
+        raise UserError(f"checkpoint {ckpt} has a model config this version cannot read ({err})") from err
+    changed = [
+        f"{key}: checkpoint {value!r}, this run {getattr(asked, key)!r}"
+        for key, value in asdict(resumed).items()
+        if key in saved and value != getattr(asked, key)
+    ]
+    if changed:
+        raise UserError(
+            f"checkpoint {ckpt} was built for another model config ({'; '.join(changed)}); resume=true "
+            "continues the checkpoint's model: drop those settings, or start a new run with another out="
+        )
+    return resumed
+
+
 class Trainer:
     """Owns the model, its EMA, the optimizer and the loop. Build with a :class:`TrainConfig`."""
 
@@ -261,6 +282,8 @@ class Trainer:
         self.model_cfg = cfg.model.build(
             image_size=h, action_dim=self.train_set.action_dim, max_frames=spec.length
         )
+        if resume_from is not None:
+            self.model_cfg = _resumed_model_config(saved, self.model_cfg, resume_from)
         self.layers = (
             cfg.objective.resolve_layers(self.model_cfg.depth) if cfg.objective.mode == "selfflow" else None
         )

@@ -154,8 +154,23 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tiny_dataset, tmp_path, m
 def test_checkpoint_of_another_model_config_is_refused_with_keys(tiny_dataset, tmp_path):
     out = tmp_path / "run"
     train(tiny_dataset, out, "steps=5")
-    with pytest.raises(UserError, match=r"another model config.*shape mismatch"):
+    with pytest.raises(UserError, match=r"another model config \(width: checkpoint 32, this run 64\)"):
         train(tiny_dataset, out, "steps=6", "resume=true", "model.width=64")
+
+
+def test_resume_keeps_the_activation_of_a_checkpoint_that_predates_the_setting(tiny_dataset, tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5", "model.mlp_act=gelu_tanh")
+    meta_path = resolve_checkpoint(out) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["model_config"]["mlp_act"]  # as written before the setting existed
+    meta_path.write_text(json.dumps(meta))
+    trainer = Trainer(make_cfg(tiny_dataset, out, "steps=6", "resume=true"))  # the preset says "gelu"
+    assert trainer.model_cfg.mlp_act == "gelu_tanh"
+    assert trainer.model.blocks[0].mlp[1].approximate == "tanh"
+    trainer.fit()
 
 
 def test_dataset_that_does_not_match_checkpoint_is_refused(tiny_dataset, tmp_path, collect_config):
