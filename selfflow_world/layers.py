@@ -8,11 +8,15 @@ own noise level and action.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+# new keys and values (B, h, N, d) -> everything they attend to (B, h, M + N, d): a rollout cache
+KVSource = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def sincos_2d(height: int, width: int, dim: int) -> Tensor:
@@ -100,19 +104,20 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        past: tuple[Tensor, Tensor] | None = None,
+        past: KVSource | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attend from ``x (B, N, D)`` to ``past`` keys/values (if any) followed by ``x`` itself.
+        """Attend from ``x (B, N, D)`` to its own tokens and, with ``past``, to cached ones.
 
         ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
-        holds ``(B, h, M, d)`` keys and values, already rotated. Returns the output ``(B, N, D)`` and
-        the rotated keys and values of ``x``'s tokens ``(B, h, N, d)`` for a cache.
+        maps the new rotated keys/values ``(B, h, N, d)`` to all keys/values to attend to
+        ``(B, h, M + N, d)`` (a rollout cache, which also stores them). Returns the output
+        ``(B, N, D)`` and the rotated keys and values of ``x``'s tokens.
         """
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rope(self.q_norm(q), cos, sin)  # (B, h, N, d)
         k = apply_rope(self.k_norm(k), cos, sin)
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        keys, values = (k, v) if past is None else past(k, v)
         out = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)
 
@@ -158,7 +163,7 @@ class Block(nn.Module):
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
-        past: tuple[Tensor, Tensor] | None = None,
+        past: KVSource | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """``x, c (B, N, D) -> (B, N, D)``, plus this block's keys/values of ``x``'s tokens."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each

@@ -230,10 +230,35 @@ def test_cache_window_slides_and_prefill_matches_appending_one_by_one():
         model.append(prefilled, x, actions)
     for cache in (one_by_one, prefilled):
         assert (cache.start, cache.frames, cache.next_index) == (4, 2, 6)
-        assert cache.keys[0].shape == (B, 2, 2 * model.tokens_per_frame, 16)
+        assert cache.history(0)[0].shape == (B, 2, 2 * model.tokens_per_frame, 16)
         assert torch.equal(cache.last, x[:, -1])
-    for k1, k2 in zip(one_by_one.keys + one_by_one.values, prefilled.keys + prefilled.values, strict=True):
-        assert torch.allclose(k1, k2, atol=1e-5)
+    for layer in range(model.config.depth):
+        for a, b in zip(one_by_one.history(layer), prefilled.history(layer), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
+    # the ring holds the last two frames oldest first: the same keys as encoding frames 4, 5 after 0..3
+    fresh = model.init_cache(B, window=2)
+    with torch.no_grad():
+        model.append(fresh, x[:, :4], actions[:, :4])
+        model.append(fresh, x[:, 4], actions[:, 4])
+        model.append(fresh, x[:, 5], actions[:, 5])
+    assert torch.allclose(fresh.history(0)[0], prefilled.history(0)[0], atol=1e-5)
+
+
+def test_sampling_with_the_ring_cache_equals_attending_to_the_window_in_time_order():
+    # one block: cached keys depend on their own frame only, so the full forward over the last
+    # window + 1 frames is an exact reference for a step after the ring has wrapped
+    model = perturbed(max_frames=8, depth=1)
+    x, t, actions = clip(frames=7)
+    with torch.no_grad():
+        cache = model.init_cache(B, window=3)
+        for j in range(6):  # the ring wraps: 6 frames through 4 slots
+            model.append(cache, x[:, j], actions[:, j])
+        stepped = model.step(cache, x[:, 6], t[:, 6], actions[:, 6])
+        # reference: the full forward over the last window + 1 frames (absolute indices 3..6)
+        clip_x = x[:, 3:7]
+        levels = torch.cat([torch.zeros(B, 3), t[:, 6:7]], dim=1)
+        full = model(clip_x, levels, actions[:, 3:7], shift_frames(x)[:, 3:7], frame_offset=3)[:, -1]
+    assert torch.allclose(stepped, full, atol=1e-5)
 
 
 def test_invalid_model_settings_raise_user_errors():
