@@ -172,6 +172,16 @@ class Block(nn.Module):
         x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
         return x, kv
 
+    def store_keys_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, past: KVSource) -> None:
+        """Only this block's keys/values of ``x``'s tokens, handed to ``past`` (a rollout cache): what
+        appending a frame needs from the last block, about a quarter of a full block's work."""
+        width, heads = x.shape[-1], self.attn.heads
+        shift1, scale1 = self.modulation(c)[..., : 2 * width].chunk(2, dim=-1)
+        qkv = self.attn.qkv
+        kv = F.linear(modulate(self.norm1(x), shift1, scale1), qkv.weight[width:], qkv.bias[width:])
+        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=heads)
+        past(apply_rope(self.attn.k_norm(k), cos.to(k.dtype), sin.to(k.dtype)), v)
+
     def zero_init(self) -> None:
         """Zero the modulation so the fresh block is the identity."""
         nn.init.zeros_(self.modulation[-1].weight)

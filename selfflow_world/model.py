@@ -356,9 +356,11 @@ class WorldDiT(nn.Module):
         past: KVCache | None = None,
         return_hidden: Sequence[int] = (),
         stop_at: int | None = None,
+        store_only_last: bool = False,
     ) -> tuple[Tensor, dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
         """Run the blocks; returns the last hidden state, the requested hidden states and each
-        block's keys/values of the new tokens."""
+        block's keys/values of the new tokens. ``store_only_last`` (appending to ``past``): the last
+        block only computes and stores its keys/values, and the returned hidden state is stale."""
         depth = self.config.depth
         last = depth if stop_at is None else stop_at
         if not 1 <= last <= depth:
@@ -372,6 +374,9 @@ class WorldDiT(nn.Module):
         kvs = []
         for index, block in enumerate(self.blocks[:last], start=1):
             cached = None if past is None else partial(past.extend, index - 1)
+            if store_only_last and index == depth and index not in wanted:
+                block.store_keys_values(h, c, cos, sin, cached)  # nothing reads this block's output
+                break
             h, kv = block(h, c, cos, sin, mask, cached)
             kvs.append(kv)
             if index in wanted:
@@ -483,7 +488,9 @@ class WorldDiT(nn.Module):
         query_ids = self._frame_ids(cache.next_index, count, frames.device)
         key_ids = torch.cat([self._frame_ids(cache.start, cache.frames, frames.device), query_ids])
         mask = frame_mask(query_ids, key_ids, cache.window) if count > 1 else None
-        _, hidden, _ = self._trunk(h, c, query_ids, mask, past=cache, return_hidden=return_hidden)
+        _, hidden, _ = self._trunk(
+            h, c, query_ids, mask, past=cache, return_hidden=return_hidden, store_only_last=True
+        )
         total = cache.frames + count
         cache.frames = min(total, cache.window)
         cache.start += total - cache.frames
