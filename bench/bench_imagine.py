@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", default="1,4,8")
     p.add_argument("--device", default="auto")
+    p.add_argument("--sim-frames", type=int, default=500, help="simulator frames timed before and after")
     p.add_argument(
         "--precision",
         default="both",
@@ -121,7 +122,7 @@ def main() -> None:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     model = build_model(args, device)
-    sim = simulator_fps(args.env, model.config.image_size, 300)
+    sim_before = simulator_fps(args.env, model.config.image_size, args.sim_frames)
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
@@ -131,7 +132,6 @@ def main() -> None:
         f"model: {args.ckpt or args.model} ({params:.2f}M params, {model.config.tokens_per_frame} tokens/frame), "
         f"context {args.history}, window {model.config.max_frames - 1}"
     )
-    print(f"simulator {args.env} env.step + render: {sim:.1f} frames/s (one process)")
     from selfflow_world.runtime import bf16_supported, tune_allocator
 
     tune_allocator()  # as WorldModel.load does on CPU
@@ -147,16 +147,25 @@ def main() -> None:
             variants.append(("bf16 weights", copy.deepcopy(model).to(torch.bfloat16), False))
     if args.precision == "bf16":
         variants = variants[1:]
+    results = {}  # measured first, printed once the simulator is measured again
     for label, net, bf16 in variants:
+        for b in batches:
+            for s in steps_list:
+                results[label, b, s] = imagine_fps(net, b, s, args.horizon, args.history, device, bf16)
+        results[label, "times"] = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
+    sim_after = simulator_fps(args.env, model.config.image_size, args.sim_frames)
+    sim = (sim_before + sim_after) / 2  # the machine's speed drifts; both ends of the run count
+    print(
+        f"simulator {args.env} env.step + render: {sim:.1f} frames/s (one process; mean of "
+        f"{sim_before:.1f} before and {sim_after:.1f} after the imagination runs)"
+    )
+    for label, _, _ in variants:
         header = " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
         print(f"{label:14s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
         for b in batches:
-            cells = []
-            for s in steps_list:
-                fps = imagine_fps(net, b, s, args.horizon, args.history, device, bf16)
-                cells.append(f"{fps:9.1f} ({fps / sim:5.2f}x)")
+            cells = [f"{results[label, b, s]:9.1f} ({results[label, b, s] / sim:5.2f}x)" for s in steps_list]
             print(f"{'':14s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))
-        times = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
+        times = results[label, "times"]
         print(
             f"{'':14s} one rollout, batch 16, 4 steps: frame 4 {times[3] * 1e3:.1f} ms, "
             f"frame 32 {times[31] * 1e3:.1f} ms, ratio {times[31] / times[3]:.2f} (flat cost per frame: ~1)"

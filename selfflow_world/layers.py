@@ -140,7 +140,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation, per token: all of shape ``(B, N, D)``."""
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass over x
 
 
 class Block(nn.Module):
@@ -168,8 +168,8 @@ class Block(nn.Module):
         """``x, c (B, N, D) -> (B, N, D)``, plus this block's keys/values of ``x``'s tokens."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
         attended, kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, past)
-        x = x + gate1 * attended
-        x = x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = torch.addcmul(x, gate1, attended)  # x + gate1 * attended, one pass
+        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
         return x, kv
 
     def store_keys_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, past: KVSource) -> None:
