@@ -313,8 +313,12 @@ class Trainer:
         if self.dist.world > 1:
             ddp_args = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, **ddp_args)
+        # the EMA teacher's forward is a third of a selfflow step's work: compiled as well, or
+        # compile=true speeds up flow but not selfflow (measured on an H100, BENCHMARKS.md)
+        self.teacher_model: torch.nn.Module = self.ema
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
+            self.teacher_model = torch.compile(self.ema)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _resume_checkpoint(self) -> Path | None:
@@ -407,7 +411,7 @@ class Trainer:
                 batch,
                 self.cfg.objective,
                 self.generator,
-                teacher=self.ema,
+                teacher=self.teacher_model,
                 projector=self.projector,
                 history=self.cfg.history,
             )

@@ -239,3 +239,26 @@ def test_ddp_two_processes_on_gloo(tiny_dataset, tmp_path):
     meta = read_meta(resolve_checkpoint(out))
     assert meta["step"] == 4
     assert sorted(losses(out)) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_compiled_teacher_follows_the_ema_weights(tiny_dataset, tmp_path):
+    # compile=true compiles the teacher too; its graph must read the EMA weights as they are updated
+    # in place after each step, not a copy frozen at compile time
+    trainer = Trainer(make_cfg(tiny_dataset, tmp_path / "run", "compile=true", "bf16=false"))
+    assert trainer.teacher_model is not trainer.ema
+    x = torch.rand(2, 2, 3, 16, 16) * 2 - 1
+    actions = torch.zeros(2, 2, trainer.model_cfg.action_dim)
+    args = (x, 0.5, actions, x)
+    with torch.no_grad():
+        compiled = trainer.teacher_model(*args, stop_at=1)[1]
+        eager = trainer.ema(*args, stop_at=1)[1]
+        before = trainer.ema.blocks[0].mlp[0].weight.clone()
+        for p in trainer.ema.parameters():
+            p.add_(0.01)  # an EMA update happens in place, like this
+        assert not torch.equal(before, trainer.ema.blocks[0].mlp[0].weight)
+        compiled_after = trainer.teacher_model(*args, stop_at=1)[1]
+        eager_after = trainer.ema(*args, stop_at=1)[1]
+    assert torch.allclose(compiled, eager, atol=1e-4)
+    assert torch.allclose(compiled_after, eager_after, atol=1e-4)
+    assert not torch.allclose(eager, eager_after, atol=1e-4)
