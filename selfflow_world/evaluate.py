@@ -27,25 +27,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow_world.errors import UserError, check_positive
+from selfflow_world.errors import UserError
+from selfflow_world.imagine import RolloutSettings
 from selfflow_world.runtime import resolve_device
 from selfflow_world.video import to_float
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RolloutSettings):
     """Settings of ``sfw eval`` (documented in configs/eval.yaml)."""
 
-    ckpt: str = "???"
-    data: str = "???"
-    out: str = "???"
-    horizon: int = 16
-    episodes: int = 16
-    steps: int = 4
-    method: str = "euler"
-    history_level: float = 0.0
-    seed: int = 0
-    device: str = "auto"
     replay: bool = True
     probe_frames: int = 4000
     probe_epochs: int = 15
@@ -198,11 +189,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     from selfflow_world.probe import fit_probe, probe_error
     from selfflow_world.world_model import WorldModel
 
-    for name in ("horizon", "episodes", "steps", "probe_frames", "probe_epochs"):
-        check_positive(name, getattr(cfg, name))
-    for name in ("ckpt", "data", "out"):
-        if getattr(cfg, name) in ("???", "", None):
-            raise UserError(f"{name}= is required (e.g. sfw eval ckpt=RUN data=DATA out=DIR)")
+    cfg.check("eval", positive=("probe_frames", "probe_epochs"))
     if not 0 < cfg.level < 1:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
     wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
@@ -222,16 +209,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     horizon = real.shape[1]
 
     def imagine(model, actions):
-        gen = torch.Generator(model.device).manual_seed(cfg.seed)  # same noise for every variant
-        return model.imagine(
-            ctx,
-            actions,
-            steps=cfg.steps,
-            method=cfg.method,
-            generator=gen,
-            context_actions=ctx_act,
-            history_level=cfg.history_level,
-        )
+        return cfg.imagine(model, ctx, actions, ctx_act)  # same noise for every variant
 
     shuffled = shuffle_actions(torch.from_numpy(fut_act), torch.Generator().manual_seed(cfg.seed)).numpy()
     videos = {

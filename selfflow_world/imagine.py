@@ -14,20 +14,51 @@ from selfflow_world.runtime import resolve_device
 
 
 @dataclass
-class ImagineConfig:
-    """Settings of ``sfw imagine`` (documented in configs/imagine.yaml)."""
+class RolloutSettings:
+    """What ``sfw imagine`` and ``sfw eval`` share: the checkpoint, the data, and how to roll out."""
 
     ckpt: str = "???"
     data: str = "???"
     out: str = "???"
-    horizon: int = 32
-    episodes: int = 4
+    horizon: int = 16
+    episodes: int = 16
     steps: int = 4
     method: str = "euler"
     history_level: float = 0.0
-    split: str = "val"
     seed: int = 0
     device: str = "auto"
+
+    def check(self, command: str, positive: tuple[str, ...] = ()) -> None:
+        """Clear errors for missing paths and non-positive counts."""
+        for name in ("horizon", "episodes", "steps", *positive):
+            check_positive(name, getattr(self, name))
+        for name in ("ckpt", "data", "out"):
+            if getattr(self, name) in ("???", "", None):
+                raise UserError(f"{name}= is required (e.g. sfw {command} ckpt=RUN data=DATA out=DIR)")
+
+    def imagine(
+        self, wm, context: np.ndarray, actions: np.ndarray, context_actions: np.ndarray
+    ) -> np.ndarray:
+        """``wm.imagine`` with these settings and a generator seeded by ``seed`` (the same noise on
+        every call, so variants of one rollout differ only in what they are given)."""
+        return wm.imagine(
+            context,
+            actions,
+            steps=self.steps,
+            method=self.method,
+            generator=torch.Generator(wm.device).manual_seed(self.seed),
+            context_actions=context_actions,
+            history_level=self.history_level,
+        )
+
+
+@dataclass
+class ImagineConfig(RolloutSettings):
+    """Settings of ``sfw imagine`` (documented in configs/imagine.yaml)."""
+
+    horizon: int = 32
+    episodes: int = 4
+    split: str = "val"
     fps: int = 8
 
 
@@ -114,24 +145,11 @@ def run_imagine(cfg: ImagineConfig) -> list[dict]:
     from selfflow_world.video import side_by_side, to_float, write_video
     from selfflow_world.world_model import WorldModel
 
-    for name in ("horizon", "episodes", "steps", "fps"):
-        check_positive(name, getattr(cfg, name))
-    for name in ("ckpt", "data", "out"):
-        if getattr(cfg, name) in ("???", "", None):
-            raise UserError(f"{name}= is required (e.g. sfw imagine ckpt=RUN data=DATA out=DIR)")
+    cfg.check("imagine", positive=("fps",))
     wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
     real, infos = seg.real, seg.infos
-    gen = torch.Generator(wm.device).manual_seed(cfg.seed)
-    imagined = wm.imagine(
-        seg.context,
-        seg.actions,
-        steps=cfg.steps,
-        method=cfg.method,
-        generator=gen,
-        context_actions=seg.context_actions,
-        history_level=cfg.history_level,
-    )
+    imagined = cfg.imagine(wm, seg.context, seg.actions, seg.context_actions)
     out = Path(cfg.out)
     scores = psnr_per_horizon(to_float(real), to_float(imagined))
     summary = []

@@ -369,7 +369,6 @@ class WorldDiT(nn.Module):
         if any(not 0 <= i <= last for i in wanted):
             raise UserError(f"return_hidden indices must be in [0, {last}], got {sorted(wanted)}")
         cos, sin = rope_cos_sin(query_ids, self.config.width // self.config.heads, self.config.rope_base)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         hidden = {0: h} if 0 in wanted else {}
         kvs = []
         for index, block in enumerate(self.blocks[:last], start=1):
