@@ -113,13 +113,25 @@ class Attention(nn.Module):
         ``(B, h, M + N, d)`` (a rollout cache, which also stores them). Returns the output
         ``(B, N, D)`` and the rotated keys and values of ``x``'s tokens.
         """
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = apply_rope(self.q_norm(q), cos, sin)  # (B, h, N, d)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q, k, v = self.project(x, cos, sin)
         keys, values = (k, v) if past is None else past(k, v)
         out = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # (B, h, N, d)
         return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)
+
+    def project(
+        self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Normalised, rotated queries and keys and the values of ``x``'s tokens, each ``(B, h, N, d)``;
+        ``queries=False`` skips the query third of the projection (and returns None for it)."""
+        width = x.shape[-1]
+        if queries:
+            qkv = self.qkv(x)
+        else:
+            qkv = F.linear(x, self.qkv.weight[width:], self.qkv.bias[width:])
+        *q, k, v = rearrange(qkv, "b n (p h d) -> p b h n d", h=self.heads, d=width // self.heads)
+        cos, sin = cos.to(k.dtype), sin.to(k.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        return (apply_rope(self.q_norm(q[0]), cos, sin) if queries else None), k, v
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -175,12 +187,9 @@ class Block(nn.Module):
     def store_keys_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, past: KVSource) -> None:
         """Only this block's keys/values of ``x``'s tokens, handed to ``past`` (a rollout cache): what
         appending a frame needs from the last block, about a quarter of a full block's work."""
-        width, heads = x.shape[-1], self.attn.heads
-        shift1, scale1 = self.modulation(c)[..., : 2 * width].chunk(2, dim=-1)
-        qkv = self.attn.qkv
-        kv = F.linear(modulate(self.norm1(x), shift1, scale1), qkv.weight[width:], qkv.bias[width:])
-        k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=heads)
-        past(apply_rope(self.attn.k_norm(k), cos.to(k.dtype), sin.to(k.dtype)), v)
+        shift1, scale1 = self.modulation(c)[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
+        _, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin, queries=False)
+        past(k, v)
 
     def zero_init(self) -> None:
         """Zero the modulation so the fresh block is the identity."""
