@@ -6,6 +6,9 @@ time of frame 4 in one rollout (about 1 when the KV cache keeps the cost per fra
 
     python bench/bench_imagine.py                       # fresh `small` model (same compute as trained)
     python bench/bench_imagine.py --ckpt runs/reacher   # a trained checkpoint
+    python bench/bench_imagine.py --compile             # + torch.compile'd rollouts (WorldModel compile=True)
+
+A compiled variant is warmed up on each shape before it is timed (its compile time is printed).
 """
 
 from __future__ import annotations
@@ -110,6 +113,9 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", default="1,4,8")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--compile", action="store_true", help="also time compiled rollouts (of bf16 autocast where native, else float32)"
+    )
     p.add_argument("--sim-frames", type=int, default=500, help="simulator frames timed before and after")
     p.add_argument(
         "--precision",
@@ -147,11 +153,24 @@ def main() -> None:
             variants.append(("bf16 weights", copy.deepcopy(model).to(torch.bfloat16), False))
     if args.precision == "bf16":
         variants = variants[1:]
+    if args.compile:
+        import copy
+
+        label, net, bf16 = variants[1] if len(variants) > 1 and variants[1][2] else variants[0]
+        compiled = copy.deepcopy(net)
+        compiled.compile_rollouts()
+        start = time.perf_counter()
+        for b in batches:  # compile every shape timed below, outside the timing
+            imagine_fps(compiled, b, 1, 2, args.history, device, bf16)
+        per_frame_times(compiled, 16, 1, 2, args.history, device, bf16)
+        print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
+        variants.append((f"{label}, compiled", compiled, bf16))
     results = {}  # measured first, printed once the simulator is measured again
-    for label, net, bf16 in variants:
-        for b in batches:
-            for s in steps_list:
+    for b in batches:  # variants interleaved per cell, so that the machine's drift hits them alike
+        for s in steps_list:
+            for label, net, bf16 in variants:
                 results[label, b, s] = imagine_fps(net, b, s, args.horizon, args.history, device, bf16)
+    for label, net, bf16 in variants:
         results[label, "times"] = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
     sim_after = simulator_fps(args.env, model.config.image_size, args.sim_frames)
     sim = (sim_before + sim_after) / 2  # the machine's speed drifts; both ends of the run count
@@ -161,7 +180,7 @@ def main() -> None:
     )
     for label, _, _ in variants:
         header = " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
-        print(f"{label:14s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
+        print(f"{label}\n{'':14s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
         for b in batches:
             cells = [f"{results[label, b, s]:9.1f} ({results[label, b, s] / sim:5.2f}x)" for s in steps_list]
             print(f"{'':14s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))

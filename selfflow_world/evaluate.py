@@ -192,7 +192,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     cfg.check("eval", positive=("probe_frames", "probe_epochs"))
     if not 0 < cfg.level < 1:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
-    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
+    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
     untrained = WorldModel.untrained(wm, seed=cfg.seed)
     hist = wm.history
     # one rollout per validation episode; short splits take several segments per episode, and a

@@ -27,6 +27,7 @@ class RolloutSettings:
     history_level: float = 0.0
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the rollouts: compiles first (tens of s), then faster
 
     def check(self, command: str, positive: tuple[str, ...] = ()) -> None:
         """Clear errors for missing paths and non-positive counts."""
@@ -146,7 +147,7 @@ def run_imagine(cfg: ImagineConfig) -> list[dict]:
     from selfflow_world.world_model import WorldModel
 
     cfg.check("imagine", positive=("fps",))
-    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
+    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
     real, infos = seg.real, seg.infos
     imagined = cfg.imagine(wm, seg.context, seg.actions, seg.context_actions)

@@ -88,7 +88,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with QK-norm, temporal RoPE and optional cached keys/values."""
+    """Multi-head self-attention with QK-norm and temporal RoPE, in two halves: :meth:`project` (the
+    queries, keys and values of the new tokens) and :meth:`output`; :class:`Block` attends in between,
+    over cached keys/values too in a rollout."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
@@ -98,25 +100,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(width // heads)
         self.k_norm = RMSNorm(width // heads)
 
-    def forward(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        past: KVSource | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Attend from ``x (B, N, D)`` to its own tokens and, with ``past``, to cached ones.
-
-        ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
-        maps the new rotated keys/values ``(B, h, N, d)`` to all keys/values to attend to
-        ``(B, h, M + N, d)`` (a rollout cache, which also stores them). Returns the output
-        ``(B, N, D)`` and the rotated keys and values of ``x``'s tokens.
-        """
-        q, k, v = self.project(x, cos, sin)
-        keys, values = (k, v) if past is None else past(k, v)
-        out = attention(q, keys.to(q.dtype), values.to(q.dtype), mask)  # (B, h, N, d)
-        return self.proj(rearrange(out, "b h n d -> b n (h d)")), (k, v)
+    def output(self, heads: Tensor) -> Tensor:
+        """The heads' outputs ``(B, h, N, d)`` merged and projected, ``(B, N, D)``."""
+        return self.proj(rearrange(heads, "b h n d -> b n (h d)"))
 
     def project(
         self, x: Tensor, cos: Tensor, sin: Tensor, queries: bool = True
@@ -177,19 +163,43 @@ class Block(nn.Module):
         mask: Tensor | None,
         past: KVSource | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``x, c (B, N, D) -> (B, N, D)``, plus this block's keys/values of ``x``'s tokens."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
-        attended, kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, past)
-        x = torch.addcmul(x, gate1, attended)  # x + gate1 * attended, one pass
-        x = torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
-        return x, kv
+        """``x, c (B, N, D) -> (B, N, D)``, plus this block's rotated keys/values of ``x``'s tokens.
 
-    def store_keys_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, past: KVSource) -> None:
-        """Only this block's keys/values of ``x``'s tokens, handed to ``past`` (a rollout cache): what
-        appending a frame needs from the last block, about a quarter of a full block's work."""
+        ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
+        maps the new keys/values ``(B, h, N, d)`` to all keys/values to attend to ``(B, h, M + N, d)``
+        (a rollout cache, which also stores them).
+        Two stages around the attention's keys/values (where a rollout cache reads and writes):
+        :meth:`attention_inputs` and :meth:`finish`, pure tensor functions, so that
+        :meth:`~selfflow_world.model.WorldDiT.compile_rollouts` can compile them around the cache.
+        """
+        q, k, v, mods = self.attention_inputs(x, c, cos, sin)
+        keys, values = (k, v) if past is None else past(k, v)
+        return self.finish(x, q, keys, values, mask, mods), (k, v)
+
+    def attention_inputs(
+        self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Queries, keys and values ``(B, h, N, d)`` of ``x``'s tokens, and the modulation the rest
+        of the block needs (``gate1, shift2, scale2, gate2`` stacked, ``(4, B, N or 1, D)``)."""
+        shift1, scale1, *mods = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
+        q, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        return q, k, v, torch.stack(mods)
+
+    def finish(
+        self, x: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, mods: Tensor
+    ) -> Tensor:
+        """The block's output from its queries, everything they attend to, and the modulation."""
+        gate1, shift2, scale2, gate2 = mods.unbind(0)
+        attended = self.attn.output(attention(q, keys.to(q.dtype), values.to(q.dtype), mask))
+        x = torch.addcmul(x, gate1, attended)  # x + gate1 * attended, one pass
+        return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+    def key_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """Only this block's rotated keys/values of ``x``'s tokens, ``(B, h, N, d)`` each: what
+        appending a frame to a rollout cache needs from the last block (a quarter of its work)."""
         shift1, scale1 = self.modulation(c)[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
         _, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin, queries=False)
-        past(k, v)
+        return k, v
 
     def zero_init(self) -> None:
         """Zero the modulation so the fresh block is the identity."""

@@ -374,7 +374,7 @@ class WorldDiT(nn.Module):
         for index, block in enumerate(self.blocks[:last], start=1):
             cached = None if past is None else partial(past.extend, index - 1)
             if store_only_last and index == depth and index not in wanted:
-                block.store_keys_values(h, c, cos, sin, cached)  # nothing reads this block's output
+                cached(*block.key_values(h, c, cos, sin))  # nothing reads this block's output
                 break
             h, kv = block(h, c, cos, sin, mask, cached)
             kvs.append(kv)
@@ -450,6 +450,27 @@ class WorldDiT(nn.Module):
                 f"cache window must be at least 1 frame, got {window} (max_frames {self.config.max_frames})"
             )
         return KVCache(batch=batch, window=window, tokens=self.tokens_per_frame)
+
+    def compile_rollouts(self) -> None:
+        """Compile the per-frame work of :meth:`step` and :meth:`append` with ``torch.compile``.
+
+        Compiled: the input embedding, each block's two stages around the cache
+        (:meth:`~selfflow_world.layers.Block.attention_inputs` and ``finish``), the last block's
+        keys/values and the final layer. The cache's ring stays outside the graphs, so its slot
+        arithmetic neither breaks them nor recompiles them. The blocks share graphs, with their
+        parameters as inputs rather than constants, so weights loaded or updated in place later are
+        the ones used. The first rollout of a new shape (batch, context length) compiles: about 15 s
+        for ``small`` on 2 CPU cores; later rollouts run faster (BENCHMARKS.md). Needs a C++
+        compiler on CPU. Calling it again does nothing.
+        """
+        if getattr(self, "_compiled_rollouts", False):
+            return
+        for block in self.blocks:
+            for name in ("attention_inputs", "finish", "key_values"):
+                setattr(block, name, torch.compile(getattr(block, name)))
+        self._embed = torch.compile(self._embed)  # type: ignore[method-assign]
+        self.final.forward = torch.compile(self.final.forward)  # type: ignore[method-assign]
+        self._compiled_rollouts = True
 
     def _as_clip(self, cache: KVCache, frames: Tensor, actions: Tensor, prev: Tensor | None):
         """Add a time axis to single frames and fill in ``prev`` from the cache."""

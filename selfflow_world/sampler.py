@@ -101,5 +101,6 @@ def rollout(
     for j in range(horizon):
         frame = sample_next(model, cache, actions[:, j], steps=steps, method=method, generator=generator)
         out.append(frame)
-        model.append(cache, frame, actions[:, j], t=history_level)
+        if j + 1 < horizon:  # nothing attends to the last frame
+            model.append(cache, frame, actions[:, j], t=history_level)
     return torch.stack(out, dim=1)

@@ -36,9 +36,19 @@ class _Layout:
 class WorldModel:
     """A trained :class:`~selfflow_world.model.WorldDiT` with its action bounds and training setup."""
 
-    def __init__(self, model: WorldDiT, meta: dict[str, Any], device: torch.device, bf16: bool = True):
+    def __init__(
+        self,
+        model: WorldDiT,
+        meta: dict[str, Any],
+        device: torch.device,
+        bf16: bool = True,
+        compile: bool = False,
+    ):
         self.model = model.eval()
         self.bf16 = bf16  # bf16 autocast where native: CUDA, CPUs with AVX512-BF16 or AMX
+        self.compiled = compile
+        if compile:
+            model.compile_rollouts()
         self.meta = meta
         self.device = device
         self.config: ModelConfig = model.config
@@ -51,13 +61,22 @@ class WorldModel:
     # -- construction -----------------------------------------------------------------------------
     @classmethod
     def load(
-        cls, path: str | Path, device: str | torch.device = "cpu", weights: str = "ema", bf16: bool = True
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        weights: str = "ema",
+        bf16: bool = True,
+        compile: bool = False,
     ) -> WorldModel:
         """Load from a run directory (its newest checkpoint) or a checkpoint directory.
 
         ``weights``: ``ema`` (the evaluation weights, default) or ``model`` (the raw student).
         ``bf16``: autocast imagination to bf16 where the device runs it natively (CUDA, CPUs with
         AVX512-BF16 or AMX); ``False`` keeps float32 everywhere.
+        ``compile``: ``torch.compile`` the per-frame work of rollouts
+        (:meth:`~selfflow_world.model.WorldDiT.compile_rollouts`): the first rollout of each new
+        shape compiles (tens of seconds on a small CPU), later ones run faster (BENCHMARKS.md); worth
+        it for long evaluations and planning, not for a few rollouts.
         """
         if weights not in ("ema", "model"):
             raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
@@ -72,13 +91,13 @@ class WorldModel:
             raise UserError(f"{ckpt} is not a selfflow-world checkpoint (meta.json lacks model_config)")
         model = WorldDiT(ModelConfig(**meta["model_config"]))
         load_weights(ckpt, weights, model)
-        return cls(model.to(device), meta, device, bf16)
+        return cls(model.to(device), meta, device, bf16, compile)
 
     @classmethod
     def untrained(cls, like: WorldModel, seed: int = 0) -> WorldModel:
         """A freshly initialised model of the same config (a baseline for evaluation)."""
         model = WorldDiT(like.config, generator=torch.Generator().manual_seed(seed))
-        return cls(model.to(like.device), like.meta, like.device, like.bf16)
+        return cls(model.to(like.device), like.meta, like.device, like.bf16, like.compiled)
 
     # -- conversions ------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +139,36 @@ def test_imagine_depends_on_actions_when_the_model_does(tiny_run):
     a = wm.imagine(ctx, -torch.ones(1, 3, 2), generator=torch.Generator().manual_seed(0))
     b = wm.imagine(ctx, torch.ones(1, 3, 2), generator=torch.Generator().manual_seed(0))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_rollouts_match_eager_and_use_later_weights(tiny_run):
+    cfg = model_config("tiny", action_dim=2, max_frames=3)
+    eager = WorldDiT(cfg, generator=torch.Generator().manual_seed(0)).eval()
+    for p in eager.parameters():  # live modulation and head, so every stage shapes the output
+        p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    compiled = copy.deepcopy(eager)
+    compiled.compile_rollouts()
+    compiled.compile_rollouts()  # a second call changes nothing
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints stay compatible
+    context = torch.rand(2, 2, 3, 16, 16) * 2 - 1
+    ctx_actions, actions = torch.rand(2, 2, 2) * 2 - 1, torch.rand(2, 4, 2) * 2 - 1
+
+    def both():
+        return [
+            rollout(m, context, ctx_actions, actions, steps=2, generator=torch.Generator().manual_seed(5))
+            for m in (eager, compiled)
+        ]
+
+    reference, result = both()
+    assert torch.allclose(result, reference, atol=1e-4)
+    # the graphs take the parameters as inputs: weights changed in place later are the ones used
+    for model in (eager, compiled):
+        for p in model.parameters():
+            p.mul_(1.5)
+    reference_after, result_after = both()
+    assert not torch.allclose(reference_after, reference, atol=1e-3)
+    assert torch.allclose(result_after, reference_after, atol=1e-4)
+    wm = WorldModel.load(tiny_run, compile=True)
+    assert wm.compiled and WorldModel.untrained(wm).compiled
