@@ -1,8 +1,9 @@
 """Imagination throughput against the simulator, in one run.
 
-Prints imagined frames/s for batch 1, 16, 64 and sampler steps 1, 4, 8 (Euler, KV-cached rollout),
-the simulator's ``env.step`` + render frames/s for the same env, and the time of frame 32 over the
-time of frame 4 in one rollout (about 1 when the KV cache keeps the cost per frame flat).
+Prints imagined frames/s for batch 1, 16, 64 and sampler steps 1, 4, 8 (Euler, KV-cached rollout;
+median of ``--repeats`` timed rollouts per cell), against the simulator's ``env.step`` + render
+frames/s for the same env, timed in every cell between the rollouts; and the time of frame 32 over
+the time of frame 4 in one rollout (about 1 when the KV cache keeps the cost per frame flat).
 
     python bench/bench_imagine.py                       # fresh `small` model (same compute as trained)
     python bench/bench_imagine.py --ckpt runs/reacher   # a trained checkpoint
@@ -24,20 +25,25 @@ import numpy as np
 import torch
 
 
-def simulator_fps(env_name: str, size: int, frames: int) -> float:
-    from selfflow_world.envs import make
+class Simulator:
+    """One env process stepping with random actions and rendering: the frames/s to beat."""
 
-    env = make(env_name, size=size)
-    env.reset(seed=0)
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for _ in range(frames):
-        _, _, term, trunc, _ = env.step(rng.uniform(env.action_space.low, env.action_space.high))
-        if term or trunc:
-            env.reset()
-    fps = frames / (time.perf_counter() - start)
-    env.close()
-    return fps
+    def __init__(self, env_name: str, size: int) -> None:
+        from selfflow_world.envs import make
+
+        self.env = make(env_name, size=size)
+        self.env.reset(seed=0)
+        self.rng = np.random.default_rng(0)
+
+    def fps(self, frames: int) -> float:
+        env = self.env
+        start = time.perf_counter()
+        for _ in range(frames):
+            action = self.rng.uniform(env.action_space.low, env.action_space.high)
+            _, _, term, trunc, _ = env.step(action)
+            if term or trunc:
+                env.reset()
+        return frames / (time.perf_counter() - start)
 
 
 def build_model(args, device):
@@ -110,13 +116,18 @@ def main() -> None:
     p.add_argument("--history", type=int, default=2)
     p.add_argument("--env", default="dmc/reacher-easy")
     p.add_argument("--horizon", type=int, default=8, help="frames per timed rollout")
+    p.add_argument("--repeats", type=int, default=3, help="timed rollouts per cell (median reported)")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", default="1,4,8")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--compile", action="store_true", help="also time compiled rollouts (of bf16 autocast where native, else float32)"
+        "--compile",
+        action="store_true",
+        help="also time compiled rollouts (of bf16 autocast where native, else float32)",
     )
-    p.add_argument("--sim-frames", type=int, default=500, help="simulator frames timed before and after")
+    p.add_argument(
+        "--sim-frames", type=int, default=100, help="simulator frames per timing (one per repeat and cell)"
+    )
     p.add_argument(
         "--precision",
         default="both",
@@ -128,7 +139,7 @@ def main() -> None:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     model = build_model(args, device)
-    sim_before = simulator_fps(args.env, model.config.image_size, args.sim_frames)
+    sim = Simulator(args.env, model.config.image_size)
     print(
         f"machine: {platform.platform()}, {os.cpu_count()} cpus, torch {torch.__version__}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
@@ -165,24 +176,37 @@ def main() -> None:
         per_frame_times(compiled, 16, 1, 2, args.history, device, bf16)
         print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
         variants.append((f"{label}, compiled", compiled, bf16))
-    results = {}  # measured first, printed once the simulator is measured again
-    for b in batches:  # variants interleaved per cell, so that the machine's drift hits them alike
+    # this VM's speed drifts by 10-30 % within minutes (the simulator renders with both cores too),
+    # so each cell interleaves the simulator and every variant, and its ratio uses the simulator
+    # timings taken in that cell
+    sim.fps(args.sim_frames)  # warm-up
+    results, sims, all_sims = {}, {}, []
+    for b in batches:
         for s in steps_list:
-            for label, net, bf16 in variants:
-                results[label, b, s] = imagine_fps(net, b, s, args.horizon, args.history, device, bf16)
+            runs = {label: [] for label, _, _ in variants}
+            cell_sims = []
+            for _ in range(args.repeats):
+                cell_sims.append(sim.fps(args.sim_frames))
+                for label, net, bf16 in variants:
+                    runs[label].append(imagine_fps(net, b, s, args.horizon, args.history, device, bf16))
+            for label, fps in runs.items():
+                results[label, b, s] = float(np.median(fps))
+            sims[b, s] = float(np.median(cell_sims))
+            all_sims += cell_sims
     for label, net, bf16 in variants:
         results[label, "times"] = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
-    sim_after = simulator_fps(args.env, model.config.image_size, args.sim_frames)
-    sim = (sim_before + sim_after) / 2  # the machine's speed drifts; both ends of the run count
     print(
-        f"simulator {args.env} env.step + render: {sim:.1f} frames/s (one process; mean of "
-        f"{sim_before:.1f} before and {sim_after:.1f} after the imagination runs)"
+        f"simulator {args.env} env.step + render, one process: median {np.median(all_sims):.1f} "
+        f"frames/s (range {min(all_sims):.1f}-{max(all_sims):.1f} over {len(all_sims)} timings of "
+        f"{args.sim_frames} frames, interleaved with the imagination runs)"
     )
     for label, _, _ in variants:
         header = " ".join(f"{f'steps={s}':>18s}" for s in steps_list)
-        print(f"{label}\n{'':14s} {'batch':>6s} {header}   (imagined frames/s, x simulator)")
+        print(f"{label}\n{'':14s} {'batch':>6s} {header}   (imagined frames/s, x the simulator in that cell)")
         for b in batches:
-            cells = [f"{results[label, b, s]:9.1f} ({results[label, b, s] / sim:5.2f}x)" for s in steps_list]
+            cells = [
+                f"{results[label, b, s]:9.1f} ({results[label, b, s] / sims[b, s]:5.2f}x)" for s in steps_list
+            ]
             print(f"{'':14s} {b:6d} " + " ".join(f"{c:>18s}" for c in cells))
         times = results[label, "times"]
         print(

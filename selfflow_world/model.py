@@ -457,18 +457,29 @@ class WorldDiT(nn.Module):
         Compiled: the input embedding, each block's two stages around the cache
         (:meth:`~selfflow_world.layers.Block.attention_inputs` and ``finish``), the last block's
         keys/values and the final layer. The cache's ring stays outside the graphs, so its slot
-        arithmetic neither breaks them nor recompiles them. The blocks share graphs, with their
-        parameters as inputs rather than constants, so weights loaded or updated in place later are
-        the ones used. The first rollout of a new shape (batch, context length) compiles: about 15 s
-        for ``small`` on 2 CPU cores; later rollouts run faster (BENCHMARKS.md). Needs a C++
-        compiler on CPU. Calling it again does nothing.
+        arithmetic does not break them. The blocks share graphs, with their parameters as inputs
+        rather than constants, so weights loaded or updated in place later are the ones used. The
+        first rollout of a new shape (batch size, context length) compiles, 15-60 s for ``small`` on
+        2 CPU cores; later rollouts run faster (BENCHMARKS.md). Needs a C++ compiler on CPU. Calling
+        it again does nothing.
         """
         if getattr(self, "_compiled_rollouts", False):
             return
+        # each batch size, context length and cache fill (the ring's views) is a graph of its own,
+        # and the blocks share them: past dynamo's default of 8 per function, calls would quietly
+        # fall back to eager (the limit is process-wide; raised, never lowered)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
         for block in self.blocks:
             for name in ("attention_inputs", "finish", "key_values"):
                 setattr(block, name, torch.compile(getattr(block, name)))
-        self._embed = torch.compile(self._embed)  # type: ignore[method-assign]
+        embed = torch.compile(self._embed)
+
+        def embed_levels_as_tensor(x: Tensor, t: Tensor | float, actions: Tensor, prev: Tensor):
+            # a Python float level would be a graph constant: one recompile per value
+            return embed(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), actions, prev)
+
+        self._embed = embed_levels_as_tensor  # type: ignore[method-assign]
         self.final.forward = torch.compile(self.final.forward)  # type: ignore[method-assign]
         self._compiled_rollouts = True
 
