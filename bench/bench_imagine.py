@@ -45,6 +45,9 @@ class Simulator:
                 env.reset()
         return frames / (time.perf_counter() - start)
 
+    def close(self) -> None:
+        self.env.close()
+
 
 def build_model(args, device):
     from selfflow_world import WorldModel
@@ -193,6 +196,7 @@ def main() -> None:
                 results[label, b, s] = float(np.median(fps))
             sims[b, s] = float(np.median(cell_sims))
             all_sims += cell_sims
+    sim.close()
     for label, net, bf16 in variants:
         results[label, "times"] = per_frame_times(net, 16, 4, 32, args.history, device, bf16)
     print(

@@ -11,6 +11,7 @@ from selfflow_world.cli import main
 from selfflow_world.clips import per_frame as per_frame_actions
 from selfflow_world.config import load_config
 from selfflow_world.evaluate import EvalConfig, run_eval
+from selfflow_world.model import WorldDiT
 
 REPORT_KEYS = {
     "checkpoint",
@@ -38,7 +39,11 @@ def test_per_frame_actions_alignment():
     assert np.array_equal(per_frame_actions(acts, 0, 2), np.stack([np.zeros(2), acts[0]]))
 
 
-def test_imagine_writes_side_by_side_videos(tiny_run, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("compile", ["false", "true"])
+def test_imagine_writes_side_by_side_videos(tiny_run, tiny_dataset, tmp_path, compile, monkeypatch):
+    # compile=true must reach the model; compiled rollouts themselves are tested in test_world_model
+    compiled = []
+    monkeypatch.setattr(WorldDiT, "compile_rollouts", lambda self: compiled.append(self))
     out = tmp_path / "img"
     assert (
         main(
@@ -50,10 +55,12 @@ def test_imagine_writes_side_by_side_videos(tiny_run, tiny_dataset, tmp_path):
                 "horizon=4",
                 "episodes=2",
                 "split=all",
+                f"compile={compile}",
             ]
         )
         == 0
     )
+    assert len(compiled) == (compile == "true")
     gifs, mp4s = sorted(out.glob("*.gif")), sorted(out.glob("*.mp4"))
     assert len(gifs) == 2 and len(mp4s) == 2
     import imageio.v3 as iio
