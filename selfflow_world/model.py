@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -30,6 +30,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from selfflow_world.cache import KVCache
 from selfflow_world.errors import UserError, check_positive
 from selfflow_world.layers import Block, FinalLayer, frame_mask, rope_cos_sin, sincos_2d, timestep_embedding
 
@@ -184,70 +185,6 @@ def to_clean(pred: Tensor, x_t: Tensor, t: Tensor, prediction: str) -> Tensor:
     if prediction == "x":
         return pred
     return x_t - t * pred
-
-
-@dataclass
-class KVCache:
-    """Per-layer keys and values of history frames for rollouts (see :meth:`WorldDiT.append`).
-
-    Holds at most ``window`` frames; the oldest are dropped first. Each layer keeps one preallocated
-    ring of ``window + 1`` frame slots, ``keys[l]``, ``values[l]`` of shape
-    ``(B, heads, (window + 1) * L, head_dim)``: the cached frames plus the slot ``slot`` where the
-    frame being predicted writes its keys and values (and stays, once appended). Sampling a frame
-    thus writes only that frame's tokens instead of concatenating the whole history at every step.
-    Keys are rotated by their absolute frame index, and a single new frame attends to all cached
-    frames, so the ring's order does not matter there; :meth:`history` gives it oldest first.
-    ``start`` is the absolute index of the oldest cached frame; ``last`` the most recently appended
-    frame ``(B, C, H, W)``, the previous frame of the next one.
-    """
-
-    batch: int
-    window: int
-    tokens: int  # L, tokens per frame
-    keys: list[Tensor] = field(default_factory=list)
-    values: list[Tensor] = field(default_factory=list)
-    start: int = 0
-    frames: int = 0
-    slot: int = 0
-    last: Tensor | None = None
-
-    @property
-    def next_index(self) -> int:
-        """Absolute frame index of the next frame to predict or append."""
-        return self.start + self.frames
-
-    def history(self, layer: int) -> tuple[Tensor, Tensor]:
-        """Cached keys and values of ``layer``, oldest frame first, ``(B, heads, frames * L, d)``."""
-        slots = self.window + 1
-        order = [(self.slot - self.frames + i) % slots for i in range(self.frames)]
-        return tuple(  # type: ignore[return-value]
-            ring.unflatten(2, (slots, self.tokens))[:, :, order].flatten(2, 3)
-            for ring in (self.keys[layer], self.values[layer])
-        )
-
-    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys/values that the new tokens ``k, v (B, heads, n * L, d)`` of ``layer`` attend to: the
-        cached frames and themselves. Writes them into the ring from ``slot`` on; :meth:`WorldDiT.append`
-        then advances the state (a :meth:`WorldDiT.step` leaves it, so its frame stays scratch)."""
-        length, slots = self.tokens, self.window + 1
-        if layer == len(self.keys):  # first use: allocate this layer's ring
-            shape = (*k.shape[:2], slots * length, k.shape[3])
-            self.keys.append(k.new_zeros(shape))
-            self.values.append(v.new_zeros(shape))
-        key_ring, value_ring = self.keys[layer], self.values[layer]
-        count = k.shape[2] // length
-        if count > 1:  # a clip: attend in time order (with the caller's mask), then store
-            past_k, past_v = self.history(layer)
-            keys, values = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-        for i in range(count):
-            lo = ((self.slot + i) % slots) * length
-            key_ring[:, :, lo : lo + length] = k[:, :, i * length : (i + 1) * length]
-            value_ring[:, :, lo : lo + length] = v[:, :, i * length : (i + 1) * length]
-        if count > 1:
-            return keys, values
-        # one frame: until the ring first fills, the used slots are 0..frames (the new one last)
-        used = (self.frames + 1) * length if self.frames < self.window else slots * length
-        return key_ring[:, :, :used], value_ring[:, :, :used]
 
 
 class WorldDiT(nn.Module):

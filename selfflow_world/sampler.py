@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from selfflow_world.cache import KVCache
 from selfflow_world.errors import UserError
-from selfflow_world.model import KVCache, WorldDiT
+from selfflow_world.model import WorldDiT
 
 METHODS = ("euler", "heun")
 

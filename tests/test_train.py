@@ -16,7 +16,7 @@ from selfflow_world.checkpoint import list_checkpoints, load_weights, read_meta,
 from selfflow_world.config import load_config
 from selfflow_world.errors import UserError
 from selfflow_world.model import WorldDiT, model_config
-from selfflow_world.train import TrainConfig, Trainer, TrainingError, batch_indices, lr_factor
+from selfflow_world.train import TrainConfig, Trainer, TrainingError
 
 FAST = [
     "model=tiny",
@@ -43,22 +43,6 @@ def train(data: Path, out: Path, *extra: str) -> dict:
 def losses(run: Path) -> dict[int, str]:
     with open(run / "metrics.csv") as f:
         return {int(r["step"]): r["loss"] for r in csv.DictReader(f) if r.get("loss")}
-
-
-def test_lr_schedule_warms_up_then_decays():
-    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
-    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
-    assert lr_factor(50, 10, 100, 0.1) < lr_factor(20, 10, 100, 0.1)
-
-
-def test_batches_are_a_pure_function_of_seed_and_step_and_split_across_ranks():
-    assert batch_indices(50, 8, 3, seed=1) == batch_indices(50, 8, 3, seed=1)
-    assert batch_indices(50, 8, 3, seed=1) != batch_indices(50, 8, 3, seed=2)
-    r0, r1 = batch_indices(50, 4, 2, 0, rank=0, world=2), batch_indices(50, 4, 2, 0, rank=1, world=2)
-    assert not set(r0) & set(r1)
-    epoch = [i for s in range(10) for i in batch_indices(40, 4, s, seed=0)]  # one full epoch
-    assert sorted(epoch) == list(range(40))
 
 
 def test_training_smoke_writes_checkpoint_logs_and_samples(tiny_dataset, tmp_path):
