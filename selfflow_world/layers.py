@@ -178,18 +178,24 @@ class Block(nn.Module):
 
     def attention_inputs(
         self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
         """Queries, keys and values ``(B, h, N, d)`` of ``x``'s tokens, and the modulation the rest
-        of the block needs (``gate1, shift2, scale2, gate2`` stacked, ``(4, B, N or 1, D)``)."""
+        of the block needs (``gate1, shift2, scale2, gate2``, each ``(B, N or 1, D)``)."""
         shift1, scale1, *mods = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
         q, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin)
-        return q, k, v, torch.stack(mods)
+        return q, k, v, tuple(mods)
 
     def finish(
-        self, x: Tensor, q: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None, mods: Tensor
+        self,
+        x: Tensor,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+        mods: tuple[Tensor, ...],
     ) -> Tensor:
         """The block's output from its queries, everything they attend to, and the modulation."""
-        gate1, shift2, scale2, gate2 = mods.unbind(0)
+        gate1, shift2, scale2, gate2 = mods
         attended = self.attn.output(attention(q, keys.to(q.dtype), values.to(q.dtype), mask))
         x = torch.addcmul(x, gate1, attended)  # x + gate1 * attended, one pass
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
