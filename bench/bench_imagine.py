@@ -15,6 +15,7 @@ A compiled variant is warmed up on each shape before it is timed (its compile ti
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import time
@@ -54,7 +55,7 @@ def build_model(args, device):
     from selfflow_world.model import WorldDiT, model_config
 
     if args.ckpt:
-        return WorldModel.load(args.ckpt, device=device).model
+        return WorldModel.load(args.ckpt, device=device, bf16=False).model  # float32; cast below
     cfg = model_config(args.model, image_size=args.size, action_dim=2, max_frames=args.history + 1)
     return WorldDiT(cfg).to(device).eval()
 
@@ -126,7 +127,7 @@ def main() -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="also time compiled rollouts (of bf16 autocast where native, else float32)",
+        help="also time compiled rollouts of WorldModel's default precision",
     )
     p.add_argument(
         "--sim-frames", type=int, default=100, help="simulator frames per timing (one per repeat and cell)"
@@ -159,18 +160,19 @@ def main() -> None:
     steps_list = [int(s) for s in args.steps.split(",")]
     native = bf16_supported(device)
     variants = [("float32", model, False)]
+    default = 0  # the variant WorldModel runs: bf16 weights on such CPUs, autocast on CUDA
     if native and args.precision in ("both", "bf16"):
         variants.append(("bf16 autocast", model, True))
-        if device.type == "cpu":  # what WorldModel does on such CPUs
-            import copy
-
+        default = 1
+        if device.type == "cpu":
             variants.append(("bf16 weights", copy.deepcopy(model).to(torch.bfloat16), False))
+            default = 2
     if args.precision == "bf16":
-        variants = variants[1:]
+        variants, default = variants[1:], default - 1
+    label, net, bf16 = variants[default]
+    variants[default] = (f"{label} (WorldModel's default here)", net, bf16)
     if args.compile:
-        import copy
-
-        label, net, bf16 = variants[1] if len(variants) > 1 and variants[1][2] else variants[0]
+        label, net, bf16 = variants[default]
         compiled = copy.deepcopy(net)
         compiled.compile_rollouts()
         start = time.perf_counter()
@@ -178,7 +180,7 @@ def main() -> None:
             imagine_fps(compiled, b, 1, 2, args.history, device, bf16)
         per_frame_times(compiled, 16, 1, 2, args.history, device, bf16)
         print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
-        variants.append((f"{label}, compiled", compiled, bf16))
+        variants.append((f"{label.split(' (')[0]}, compiled", compiled, bf16))
     # this VM's speed drifts by 10-30 % within minutes (the simulator renders with both cores too),
     # so each cell interleaves the simulator and every variant, and its ratio uses the simulator
     # timings taken in that cell

@@ -11,6 +11,7 @@ import torch
 from selfflow_world import WorldModel
 from selfflow_world.errors import UserError
 from selfflow_world.model import WorldDiT, model_config, shift_frames
+from selfflow_world.runtime import bf16_supported
 from selfflow_world.sampler import rollout
 
 
@@ -172,3 +173,18 @@ def test_compiled_rollouts_match_eager_and_use_later_weights(tiny_run):
     assert torch.allclose(result_after, reference_after, atol=1e-4)
     wm = WorldModel.load(tiny_run, compile=True)
     assert wm.compiled and WorldModel.untrained(wm).compiled
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_bf16_on_cpu_casts_the_weights_and_stays_close_to_float32(tiny_run):
+    fast, exact = WorldModel.load(tiny_run), WorldModel.load(tiny_run, bf16=False)
+    assert fast.bf16_weights and next(fast.model.parameters()).dtype == torch.bfloat16
+    assert not exact.bf16_weights and next(exact.model.parameters()).dtype == torch.float32
+    for wm in (fast, exact):  # the same live head in both, so the outputs depend on the weights
+        for p in wm.model.final.parameters():
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    ctx = torch.rand(2, 2, 3, 16, 16) * 2 - 1
+    acts = torch.rand(2, 3, 2) * 2 - 1
+    a, b = (wm.imagine(ctx, acts, generator=torch.Generator().manual_seed(0)) for wm in (fast, exact))
+    assert a.dtype == b.dtype == torch.float32
+    assert (a - b).abs().mean() < 0.02 and (b - ctx[:, -1:]).abs().mean() > 0.05
