@@ -46,7 +46,7 @@ class WorldModel:
     ):
         self.bf16 = bf16  # bf16 where native: CUDA, CPUs with AVX512-BF16 or AMX
         # on such CPUs the weights themselves are cast, so the residual stream runs in bf16 too:
-        # 4-8 % faster than autocast there and as close to float32 (BENCHMARKS.md); CUDA autocasts
+        # 2-8 % faster than autocast there and as close to float32 (BENCHMARKS.md); CUDA autocasts
         self.bf16_weights = bf16 and device.type == "cpu" and bf16_supported(device)
         self.model = (model.to(torch.bfloat16) if self.bf16_weights else model).eval()
         self.compiled = compile
