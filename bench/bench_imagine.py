@@ -139,9 +139,9 @@ def main() -> None:
         help="both: float32 and, where native, bf16 autocast",
     )
     args = p.parse_args()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
+    from selfflow_world.runtime import bf16_supported, casts_weights, resolve_device, tune_allocator
+
+    device = resolve_device(args.device)
     model = build_model(args, device)
     sim = Simulator(args.env, model.config.image_size)
     print(
@@ -153,8 +153,6 @@ def main() -> None:
         f"model: {args.ckpt or args.model} ({params:.2f}M params, {model.config.tokens_per_frame} tokens/frame), "
         f"context {args.history}, window {model.config.max_frames - 1}"
     )
-    from selfflow_world.runtime import bf16_supported, tune_allocator
-
     tune_allocator()  # as WorldModel.load does on CPU
     batches = [int(b) for b in args.batches.split(",")]
     steps_list = [int(s) for s in args.steps.split(",")]
@@ -164,7 +162,7 @@ def main() -> None:
     if native and args.precision in ("both", "bf16"):
         variants.append(("bf16 autocast", model, True))
         default = 1
-        if device.type == "cpu":
+        if casts_weights(device):
             variants.append(("bf16 weights", copy.deepcopy(model).to(torch.bfloat16), False))
             default = 2
     if args.precision == "bf16":

@@ -1,9 +1,10 @@
 """Where the time of an imagined rollout goes: the top operators (and, on CUDA, kernels).
 
-Profiles one KV-cached rollout of a fresh model (the compute of a trained one) with
+Profiles one KV-cached rollout of a fresh model (the compute of a trained one) in WorldModel's
+precision (bf16 weights on CPUs with native bf16, bf16 autocast on CUDA; ``--float32``) with
 ``torch.profiler`` after a warm-up, and prints the operators by self time.
 
-    python bench/profile_imagine.py --batch 64 --steps 4                 # CPU, bf16 autocast where native
+    python bench/profile_imagine.py --batch 64 --steps 4                 # CPU, WorldModel's bf16 where native
     python bench/profile_imagine.py --device cuda --batch 1024 --steps 4
 """
 
@@ -15,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfflow_world.model import WorldDiT, model_config
-from selfflow_world.runtime import autocast, bf16_supported, resolve_device, tune_allocator
+from selfflow_world.runtime import autocast, bf16_supported, casts_weights, resolve_device, tune_allocator
 from selfflow_world.sampler import rollout
 
 
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=4, help="imagined frames in the profiled rollout")
     p.add_argument("--history", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--float32", action="store_true", help="no bf16 autocast")
+    p.add_argument("--float32", action="store_true", help="float32 instead of bf16")
     p.add_argument("--rows", type=int, default=20)
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -39,12 +40,15 @@ def main() -> None:
         for param in model.parameters():
             param.normal_(0.0, 0.02)
     bf16 = not args.float32 and bf16_supported(device)
+    if bf16 and casts_weights(device):  # as WorldModel does
+        model = model.to(torch.bfloat16)
     gen = torch.Generator(device).manual_seed(0)
     ctx = torch.rand(args.batch, args.history, 3, 64, 64, device=device) * 2 - 1
     ctx_actions = torch.zeros(args.batch, args.history, 2, device=device)
     actions = torch.rand(args.batch, args.frames, 2, device=device) * 2 - 1
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.no_grad(), autocast(device, bf16):
+    precision = "float32" if not bf16 else "bf16 weights" if casts_weights(device) else "bf16 autocast"
+    with torch.no_grad(), autocast(device, bf16 and precision == "bf16 autocast"):
         rollout(model, ctx, ctx_actions, actions, steps=args.steps, generator=gen)  # warm-up
         with profile(activities=activities) as prof:
             rollout(model, ctx, ctx_actions, actions, steps=args.steps, generator=gen)
@@ -52,8 +56,7 @@ def main() -> None:
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(
-        f"{args.model}, batch {args.batch}, {args.steps} steps, {args.frames} frames, "
-        f"{'bf16 autocast' if bf16 else 'float32'} on {device}"
+        f"{args.model}, batch {args.batch}, {args.steps} steps, {args.frames} frames, {precision} on {device}"
     )
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 

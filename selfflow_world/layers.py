@@ -162,19 +162,20 @@ class Block(nn.Module):
         sin: Tensor,
         mask: Tensor | None,
         past: KVSource | None = None,
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """``x, c (B, N, D) -> (B, N, D)``, plus this block's rotated keys/values of ``x``'s tokens.
+    ) -> Tensor:
+        """``x, c (B, N, D) -> (B, N, D)``.
 
         ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
         maps the new keys/values ``(B, h, N, d)`` to all keys/values to attend to ``(B, h, M + N, d)``
         (a rollout cache, which also stores them).
+
         Two stages around the attention's keys/values (where a rollout cache reads and writes):
         :meth:`attention_inputs` and :meth:`finish`, pure tensor functions, so that
         :meth:`~selfflow_world.model.WorldDiT.compile_rollouts` can compile them around the cache.
         """
         q, k, v, mods = self.attention_inputs(x, c, cos, sin)
         keys, values = (k, v) if past is None else past(k, v)
-        return self.finish(x, q, keys, values, mask, mods), (k, v)
+        return self.finish(x, q, keys, values, mask, mods)
 
     def attention_inputs(
         self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor

@@ -294,9 +294,9 @@ class WorldDiT(nn.Module):
         return_hidden: Sequence[int] = (),
         stop_at: int | None = None,
         store_only_last: bool = False,
-    ) -> tuple[Tensor, dict[int, Tensor], list[tuple[Tensor, Tensor]]]:
-        """Run the blocks; returns the last hidden state, the requested hidden states and each
-        block's keys/values of the new tokens. ``store_only_last`` (appending to ``past``): the last
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """Run the blocks; returns the last hidden state and the requested hidden states; ``past``
+        (a rollout cache) stores each block's keys/values of the new tokens. ``store_only_last`` (appending to ``past``): the last
         block only computes and stores its keys/values, and the returned hidden state is stale."""
         depth = self.config.depth
         last = depth if stop_at is None else stop_at
@@ -307,17 +307,15 @@ class WorldDiT(nn.Module):
             raise UserError(f"return_hidden indices must be in [0, {last}], got {sorted(wanted)}")
         cos, sin = rope_cos_sin(query_ids, self.config.width // self.config.heads, self.config.rope_base)
         hidden = {0: h} if 0 in wanted else {}
-        kvs = []
         for index, block in enumerate(self.blocks[:last], start=1):
             cached = None if past is None else partial(past.extend, index - 1)
             if store_only_last and index == depth and index not in wanted:
                 cached(*block.key_values(h, c, cos, sin))  # nothing reads this block's output
                 break
-            h, kv = block(h, c, cos, sin, mask, cached)
-            kvs.append(kv)
+            h = block(h, c, cos, sin, mask, cached)
             if index in wanted:
                 hidden[index] = h
-        return h, hidden, kvs
+        return h, hidden
 
     # ----------------------------------------------------------------------------------------------
 
@@ -357,7 +355,7 @@ class WorldDiT(nn.Module):
         ids = self._frame_ids(frame_offset, frames, x.device)
         mask = frame_mask(ids, ids) if frames > 1 else None
         wanted = tuple(return_hidden) + ((stop_at,) if stop_at is not None else ())
-        h, hidden, _ = self._trunk(h, c, ids, mask, return_hidden=wanted, stop_at=stop_at)
+        h, hidden = self._trunk(h, c, ids, mask, return_hidden=wanted, stop_at=stop_at)
         if stop_at is not None:
             return hidden
         out = self._unpatchify(self.final(h, c), frames).float()  # float32 whatever the weights
@@ -456,7 +454,7 @@ class WorldDiT(nn.Module):
         query_ids = self._frame_ids(cache.next_index, count, frames.device)
         key_ids = torch.cat([self._frame_ids(cache.start, cache.frames, frames.device), query_ids])
         mask = frame_mask(query_ids, key_ids, cache.window) if count > 1 else None
-        _, hidden, _ = self._trunk(
+        _, hidden = self._trunk(
             h, c, query_ids, mask, past=cache, return_hidden=return_hidden, store_only_last=True
         )
         total = cache.frames + count
@@ -489,7 +487,7 @@ class WorldDiT(nn.Module):
         clip, actions, prev = self._as_clip(cache, x_t, action, prev)
         h, c = self._embed(clip, t, actions, prev)
         ids = self._frame_ids(cache.next_index, 1, x_t.device)
-        h, hidden, _ = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
+        h, hidden = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
         out = self._unpatchify(self.final(h, c), 1)[:, 0].float()
         if self.config.residual:
             out = out + prev[:, 0]

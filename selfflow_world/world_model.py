@@ -22,7 +22,7 @@ from torch import Tensor
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
 from selfflow_world.model import ModelConfig, WorldDiT
-from selfflow_world.runtime import autocast, bf16_supported, tune_allocator
+from selfflow_world.runtime import autocast, casts_weights, tune_allocator
 from selfflow_world.sampler import METHODS, rollout
 from selfflow_world.video import to_float
 
@@ -45,9 +45,7 @@ class WorldModel:
         compile: bool = False,
     ):
         self.bf16 = bf16  # bf16 where native: CUDA, CPUs with AVX512-BF16 or AMX
-        # on such CPUs the weights themselves are cast, so the residual stream runs in bf16 too:
-        # 2-8 % faster than autocast there and as close to float32 (BENCHMARKS.md); CUDA autocasts
-        self.bf16_weights = bf16 and device.type == "cpu" and bf16_supported(device)
+        self.bf16_weights = bf16 and casts_weights(device)  # the residual stream in bf16 too
         self.model = (model.to(torch.bfloat16) if self.bf16_weights else model).eval()
         self.compiled = compile
         if compile:
