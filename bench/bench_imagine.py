@@ -57,7 +57,30 @@ def build_model(args, device):
     if args.ckpt:
         return WorldModel.load(args.ckpt, device=device, bf16=False).model  # float32; cast below
     cfg = model_config(args.model, image_size=args.size, action_dim=2, max_frames=args.history + 1)
-    return WorldDiT(cfg).to(device).eval()
+    model = WorldDiT(cfg).to(device).eval()
+    with torch.no_grad():  # live weights (a fresh model zeroes its modulation and output): same
+        for param in model.parameters():  # compute, but a compiled rollout has something to match
+            param.normal_(0.0, 0.02)
+    return model
+
+
+@torch.no_grad()
+def max_difference(a, b, batch: int, steps: int, history: int, device, bf16: bool) -> float:
+    """Largest pixel difference between two models' rollouts from the same inputs and noise."""
+    from selfflow_world.runtime import autocast
+    from selfflow_world.sampler import rollout
+
+    size, act = a.config.image_size, a.config.action_dim
+    inputs = torch.Generator(device).manual_seed(1)
+    ctx = torch.rand(batch, history, 3, size, size, device=device, generator=inputs) * 2 - 1
+    ctx_a = torch.zeros(batch, history, act, device=device)
+    acts = torch.rand(batch, 4, act, device=device, generator=inputs) * 2 - 1
+    outs = []
+    for net in (a, b):
+        with autocast(device, bf16):
+            gen = torch.Generator(device).manual_seed(0)
+            outs.append(rollout(net, ctx, ctx_a, acts, steps=steps, generator=gen).float())
+    return (outs[0] - outs[1]).abs().max().item()
 
 
 @torch.no_grad()
@@ -178,6 +201,8 @@ def main() -> None:
             imagine_fps(compiled, b, 1, 2, args.history, device, bf16)
         per_frame_times(compiled, 16, 1, 2, args.history, device, bf16)
         print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
+        diff = max_difference(net, compiled, 4, 4, args.history, device, bf16)
+        print(f"compiled vs eager rollout, batch 4, 4 frames, 4 steps: max pixel difference {diff:.4f} (range [-1, 1])")
         variants.append((f"{label.split(' (')[0]}, compiled", compiled, bf16))
     # this VM's speed drifts by 10-30 % within minutes (the simulator renders with both cores too),
     # so each cell interleaves the simulator and every variant, and its ratio uses the simulator

@@ -6,6 +6,7 @@ precision (bf16 weights on CPUs with native bf16, bf16 autocast on CUDA; ``--flo
 
     python bench/profile_imagine.py --batch 64 --steps 4                 # CPU, WorldModel's bf16 where native
     python bench/profile_imagine.py --device cuda --batch 1024 --steps 4
+    python bench/profile_imagine.py --compile                            # torch.compile'd rollouts
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--float32", action="store_true", help="float32 instead of bf16")
     p.add_argument("--rows", type=int, default=20)
+    p.add_argument("--compile", action="store_true", help="profile compiled rollouts (compile_rollouts)")
     args = p.parse_args()
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -42,6 +44,8 @@ def main() -> None:
     bf16 = not args.float32 and bf16_supported(device)
     if bf16 and casts_weights(device):  # as WorldModel does
         model = model.to(torch.bfloat16)
+    if args.compile:
+        model.compile_rollouts()
     gen = torch.Generator(device).manual_seed(0)
     ctx = torch.rand(args.batch, args.history, 3, 64, 64, device=device) * 2 - 1
     ctx_actions = torch.zeros(args.batch, args.history, 2, device=device)
@@ -49,14 +53,16 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     precision = "float32" if not bf16 else "bf16 weights" if casts_weights(device) else "bf16 autocast"
     with torch.no_grad(), autocast(device, bf16 and precision == "bf16 autocast"):
-        rollout(model, ctx, ctx_actions, actions, steps=args.steps, generator=gen)  # warm-up
+        for _ in range(2 if args.compile else 1):  # warm-up (compiled: every cache fill of the rollout)
+            rollout(model, ctx, ctx_actions, actions, steps=args.steps, generator=gen)
         with profile(activities=activities) as prof:
             rollout(model, ctx, ctx_actions, actions, steps=args.steps, generator=gen)
             if device.type == "cuda":
                 torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(
-        f"{args.model}, batch {args.batch}, {args.steps} steps, {args.frames} frames, {precision} on {device}"
+        f"{args.model}, batch {args.batch}, {args.steps} steps, {args.frames} frames, {precision}"
+        f"{', compiled' if args.compile else ''} on {device}"
     )
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
 
