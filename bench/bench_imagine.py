@@ -8,6 +8,7 @@ the time of frame 4 in one rollout (about 1 when the KV cache keeps the cost per
     python bench/bench_imagine.py                       # fresh `small` model (same compute as trained)
     python bench/bench_imagine.py --ckpt runs/reacher   # a trained checkpoint
     python bench/bench_imagine.py --compile             # + torch.compile'd rollouts (WorldModel compile=True)
+    python bench/bench_imagine.py --compile --freeze no # ... with graphs shared by the blocks (CPU default: frozen)
 
 A compiled variant is warmed up on each shape before it is timed (its compile time is printed).
 """
@@ -153,6 +154,12 @@ def main() -> None:
         help="also time compiled rollouts of WorldModel's default precision",
     )
     p.add_argument(
+        "--freeze",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="compiled variant with the weights frozen into the graphs (auto: as WorldModel, on CPU)",
+    )
+    p.add_argument(
         "--sim-frames", type=int, default=100, help="simulator frames per timing (one per repeat and cell)"
     )
     p.add_argument(
@@ -195,7 +202,8 @@ def main() -> None:
     if args.compile:
         label, net, bf16 = variants[default]
         compiled = copy.deepcopy(net)
-        compiled.compile_rollouts()
+        freeze = args.freeze == "yes" or (args.freeze == "auto" and device.type == "cpu")
+        compiled.compile_rollouts(freeze=freeze)
         start = time.perf_counter()
         for b in batches:  # compile every shape timed below, outside the timing
             imagine_fps(compiled, b, 1, 2, args.history, device, bf16)
@@ -203,7 +211,7 @@ def main() -> None:
         print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
         diff = max_difference(net, compiled, 4, 4, args.history, device, bf16)
         print(f"compiled vs eager rollout, batch 4, 4 frames, 4 steps: max pixel difference {diff:.4f} (range [-1, 1])")
-        variants.append((f"{label.split(' (')[0]}, compiled", compiled, bf16))
+        variants.append((f"{label.split(' (')[0]}, compiled{' (frozen)' if freeze else ''}", compiled, bf16))
     # this VM's speed drifts by 10-30 % within minutes (the simulator renders with both cores too),
     # so each cell interleaves the simulator and every variant, and its ratio uses the simulator
     # timings taken in that cell

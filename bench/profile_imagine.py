@@ -45,7 +45,7 @@ def main() -> None:
     if bf16 and casts_weights(device):  # as WorldModel does
         model = model.to(torch.bfloat16)
     if args.compile:
-        model.compile_rollouts()
+        model.compile_rollouts(freeze=device.type == "cpu")  # as WorldModel does
     gen = torch.Generator(device).manual_seed(0)
     ctx = torch.rand(args.batch, args.history, 3, 64, 64, device=device) * 2 - 1
     ctx_actions = torch.zeros(args.batch, args.history, 2, device=device)

@@ -48,8 +48,8 @@ class WorldModel:
         self.bf16_weights = bf16 and casts_weights(device)  # the residual stream in bf16 too
         self.model = (model.to(torch.bfloat16) if self.bf16_weights else model).eval()
         self.compiled = compile
-        if compile:
-            self.model.compile_rollouts()
+        if compile:  # frozen graphs on CPU (weights never change here): 1.1x faster than shared ones
+            self.model.compile_rollouts(freeze=device.type == "cpu")
         self.meta = meta
         self.device = device
         self.config: ModelConfig = self.model.config
@@ -75,9 +75,10 @@ class WorldModel:
         ``bf16``: imagine in bf16 where the device runs it natively: autocast on CUDA, the weights
         cast to bf16 on CPUs with AVX512-BF16 or AMX; ``False`` keeps float32 everywhere.
         ``compile``: ``torch.compile`` the per-frame work of rollouts
-        (:meth:`~selfflow_world.model.WorldDiT.compile_rollouts`): the first rollout of each new
-        shape compiles (tens of seconds on a small CPU), later ones run faster (BENCHMARKS.md); worth
-        it for long evaluations and planning, not for a few rollouts.
+        (:meth:`~selfflow_world.model.WorldDiT.compile_rollouts`, on CPU with the weights frozen
+        into the graphs): the first rollout of each new shape compiles (tens of seconds on a small
+        CPU), later ones run faster (BENCHMARKS.md); worth it for long evaluations and planning,
+        not for a few rollouts.
         """
         if weights not in ("ema", "model"):
             raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")

@@ -175,6 +175,32 @@ def test_compiled_rollouts_match_eager_and_use_later_weights(tiny_run):
     assert wm.compiled and WorldModel.untrained(wm).compiled
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_frozen_compiled_rollouts_match_eager_for_each_model():
+    # frozen graphs fold each block's weights in as constants: two models (and the blocks within
+    # one) must each get their own, never another's weights
+    cfg = model_config("tiny", action_dim=2, max_frames=3)
+    eager = []
+    for seed in (1, 2):
+        model = WorldDiT(cfg, generator=torch.Generator().manual_seed(seed)).eval()
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed * p.numel())))
+        eager.append(model)
+    frozen = [copy.deepcopy(model) for model in eager]
+    for model in frozen:
+        model.compile_rollouts(freeze=True)
+    context = torch.rand(2, 2, 3, 16, 16) * 2 - 1
+    ctx_actions, actions = torch.rand(2, 2, 2) * 2 - 1, torch.rand(2, 3, 2) * 2 - 1
+    outs = [
+        rollout(m, context, ctx_actions, actions, steps=2, generator=torch.Generator().manual_seed(5))
+        for m in eager + frozen
+    ]
+    assert not torch.allclose(outs[0], outs[1], atol=1e-3)  # the two models differ
+    assert torch.allclose(outs[2], outs[0], atol=1e-4)
+    assert torch.allclose(outs[3], outs[1], atol=1e-4)
+
+
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
 def test_bf16_on_cpu_casts_the_weights_and_stays_close_to_float32(tiny_run):
     fast, exact = WorldModel.load(tiny_run), WorldModel.load(tiny_run, bf16=False)
