@@ -210,7 +210,9 @@ def main() -> None:
         per_frame_times(compiled, 16, 1, 2, args.history, device, bf16)
         print(f"compiling {label} rollouts for batches {batches}: {time.perf_counter() - start:.1f} s")
         diff = max_difference(net, compiled, 4, 4, args.history, device, bf16)
-        print(f"compiled vs eager rollout, batch 4, 4 frames, 4 steps: max pixel difference {diff:.4f} (range [-1, 1])")
+        print(
+            f"compiled vs eager rollout, batch 4, 4 frames, 4 steps: max pixel difference {diff:.4f} (range [-1, 1])"
+        )
         variants.append((f"{label.split(' (')[0]}, compiled{' (frozen)' if freeze else ''}", compiled, bf16))
     # this VM's speed drifts by 10-30 % within minutes (the simulator renders with both cores too),
     # so each cell interleaves the simulator and every variant, and its ratio uses the simulator

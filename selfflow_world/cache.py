@@ -47,6 +47,25 @@ class KVCache:
             for ring in (self.keys[layer], self.values[layer])
         )
 
+    def access(self, layer: int, count: int) -> LayerAccess:
+        """How one block reads and writes ``layer`` when ``count`` new frames pass through it."""
+        direct = count == 1 and layer < len(self.keys)  # a single frame, once the ring exists
+        if not direct:
+            return LayerAccess(self, layer, None)
+        lo = self.slot * self.tokens
+        return LayerAccess(
+            self,
+            layer,
+            tuple(ring[:, :, lo : lo + self.tokens] for ring in (self.keys[layer], self.values[layer])),
+        )
+
+    def _used(self, layer: int) -> tuple[Tensor, Tensor]:
+        # one new frame in ``slot``: until the ring first fills, the used slots are 0..frames (the new one last)
+        used = (
+            (self.frames + 1) * self.tokens if self.frames < self.window else (self.window + 1) * self.tokens
+        )
+        return self.keys[layer][:, :, :used], self.values[layer][:, :, :used]
+
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values that the new tokens ``k, v (B, heads, n * L, d)`` of ``layer`` attend to: the
         cached frames and themselves. Writes them into the ring from ``slot`` on; :meth:`~selfflow_world.model.WorldDiT.append`
@@ -65,8 +84,25 @@ class KVCache:
             lo = ((self.slot + i) % slots) * length
             key_ring[:, :, lo : lo + length] = k[:, :, i * length : (i + 1) * length]
             value_ring[:, :, lo : lo + length] = v[:, :, i * length : (i + 1) * length]
-        if count > 1:
-            return keys, values
-        # one frame: until the ring first fills, the used slots are 0..frames (the new one last)
-        used = (self.frames + 1) * length if self.frames < self.window else slots * length
-        return key_ring[:, :, :used], value_ring[:, :, :used]
+        return (keys, values) if count > 1 else self._used(layer)
+
+
+@dataclass
+class LayerAccess:
+    """One block's use of one cache layer in one call (:meth:`KVCache.access`).
+
+    ``out``: the ring slot ``(B, heads, L, d)`` keys and values where the block writes its new frame's
+    keys/values itself (a single frame into an existing ring), so a compiled block stores them from
+    the kernel that computes them instead of in a separate copy; None when the cache stores them.
+    Called with the new keys/values (None, None when written to ``out``), it returns everything
+    they attend to.
+    """
+
+    cache: KVCache
+    layer: int
+    out: tuple[Tensor, Tensor] | None
+
+    def __call__(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.out is None:
+            return self.cache.extend(self.layer, k, v)
+        return self.cache._used(self.layer)

@@ -8,15 +8,23 @@ own noise level and action.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-# new keys and values (B, h, N, d) -> everything they attend to (B, h, M + N, d): a rollout cache
-KVSource = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+class KVSource(Protocol):
+    """A rollout cache as one block sees it (:class:`~selfflow_world.cache.LayerAccess`): ``out``,
+    where the block writes its new keys/values ``(B, h, N, d)`` itself (or None), and a call mapping
+    the new keys/values (None, None once written to ``out``) to everything they attend to
+    ``(B, h, M + N, d)``."""
+
+    out: tuple[Tensor, Tensor] | None
+
+    def __call__(self, k: Tensor | None, v: Tensor | None) -> tuple[Tensor, Tensor]: ...
 
 
 def sincos_2d(height: int, width: int, dim: int) -> Tensor:
@@ -141,6 +149,15 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass over x
 
 
+def _store(k: Tensor, v: Tensor, out: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    """Write keys/values into ``out`` (a rollout cache's slot) if given; what the caller returns."""
+    if out is None:
+        return k, v
+    out[0].copy_(k)
+    out[1].copy_(v)
+    return None, None
+
+
 class Block(nn.Module):
     """Transformer block with per-token adaLN-Zero: shift, scale and gate come from ``c (B, N, D)``."""
 
@@ -166,24 +183,26 @@ class Block(nn.Module):
         """``x, c (B, N, D) -> (B, N, D)``.
 
         ``cos, sin (N, d)`` rotate the new queries and keys; ``mask (N, M + N)`` or None; ``past``
-        maps the new keys/values ``(B, h, N, d)`` to all keys/values to attend to ``(B, h, M + N, d)``
-        (a rollout cache, which also stores them).
+        (a rollout cache, :class:`KVSource`) stores the new keys/values and gives all keys/values to
+        attend to ``(B, h, M + N, d)``.
 
         Two stages around the attention's keys/values (where a rollout cache reads and writes):
         :meth:`attention_inputs` and :meth:`finish`, pure tensor functions, so that
         :meth:`~selfflow_world.model.WorldDiT.compile_rollouts` can compile them around the cache.
         """
-        q, k, v, mods = self.attention_inputs(x, c, cos, sin)
+        q, k, v, mods = self.attention_inputs(x, c, cos, sin, None if past is None else past.out)
         keys, values = (k, v) if past is None else past(k, v)
         return self.finish(x, q, keys, values, mask, mods)
 
     def attention_inputs(
-        self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
+        self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, tuple[Tensor, ...]]:
         """Queries, keys and values ``(B, h, N, d)`` of ``x``'s tokens, and the modulation the rest
-        of the block needs (``gate1, shift2, scale2, gate2``, each ``(B, N or 1, D)``)."""
+        of the block needs (``gate1, shift2, scale2, gate2``, each ``(B, N or 1, D)``). With ``out``,
+        the keys and values are written there and returned as None."""
         shift1, scale1, *mods = self.modulation(c).chunk(6, dim=-1)  # (B, N, D) each
         q, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin)
+        k, v = _store(k, v, out)
         return q, k, v, tuple(mods)
 
     def finish(
@@ -201,12 +220,15 @@ class Block(nn.Module):
         x = torch.addcmul(x, gate1, attended)  # x + gate1 * attended, one pass
         return torch.addcmul(x, gate2, self.mlp(modulate(self.norm2(x), shift2, scale2)))
 
-    def key_values(self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    def key_values(
+        self, x: Tensor, c: Tensor, cos: Tensor, sin: Tensor, out: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Only this block's rotated keys/values of ``x``'s tokens, ``(B, h, N, d)`` each: what
-        appending a frame to a rollout cache needs from the last block (a quarter of its work)."""
+        appending a frame to a rollout cache needs from the last block (a quarter of its work).
+        With ``out``, written there and returned as None."""
         shift1, scale1 = self.modulation(c)[..., : 2 * x.shape[-1]].chunk(2, dim=-1)
         _, k, v = self.attn.project(modulate(self.norm1(x), shift1, scale1), cos, sin, queries=False)
-        return k, v
+        return _store(k, v, out)
 
     def zero_init(self) -> None:
         """Zero the modulation so the fresh block is the identity."""

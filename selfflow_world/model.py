@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -307,10 +306,11 @@ class WorldDiT(nn.Module):
             raise UserError(f"return_hidden indices must be in [0, {last}], got {sorted(wanted)}")
         cos, sin = rope_cos_sin(query_ids, self.config.width // self.config.heads, self.config.rope_base)
         hidden = {0: h} if 0 in wanted else {}
+        count = h.shape[1] // self.tokens_per_frame
         for index, block in enumerate(self.blocks[:last], start=1):
-            cached = None if past is None else partial(past.extend, index - 1)
+            cached = None if past is None else past.access(index - 1, count)
             if store_only_last and index == depth and index not in wanted:
-                cached(*block.key_values(h, c, cos, sin))  # nothing reads this block's output
+                cached(*block.key_values(h, c, cos, sin, cached.out))  # nothing reads this block's output
                 break
             h = block(h, c, cos, sin, mask, cached)
             if index in wanted:
