@@ -58,7 +58,8 @@ evaluate() {
 evaluate 1
 
 stamp "bench_imagine"
-python3 bench/bench_imagine.py --ckpt "$work/run" --batches 1,16,64,256,1024 --device "$device" --compile
+python3 bench/bench_imagine.py --ckpt "$work/run" --batches 1,64,1024,4096 --steps 1,2,4 --precision bf16 \
+    --device "$device" --compile
 
 # the EMA weights in bf16 (a checkpoint WorldModel.load reads), small enough to copy back
 python3 - "$work/run" "$out/ckpt" <<'EOF'

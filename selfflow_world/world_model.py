@@ -96,10 +96,12 @@ class WorldModel:
         return cls(model.to(device), meta, device, bf16, compile)
 
     @classmethod
-    def untrained(cls, like: WorldModel, seed: int = 0) -> WorldModel:
-        """A freshly initialised model of the same config (a baseline for evaluation)."""
+    def untrained(cls, like: WorldModel, seed: int = 0, compile: bool | None = None) -> WorldModel:
+        """A freshly initialised model of the same config (a baseline for evaluation); compiled
+        like ``like`` unless ``compile`` says otherwise."""
         model = WorldDiT(like.config, generator=torch.Generator().manual_seed(seed))
-        return cls(model.to(like.device), like.meta, like.device, like.bf16, like.compiled)
+        compile = like.compiled if compile is None else compile
+        return cls(model.to(like.device), like.meta, like.device, like.bf16, compile)
 
     # -- conversions ------------------------------------------------------------------------------
     def normalize_actions(self, actions: Tensor) -> Tensor:

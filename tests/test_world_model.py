@@ -173,6 +173,7 @@ def test_compiled_rollouts_match_eager_and_use_later_weights(tiny_run):
     assert torch.allclose(result_after, reference_after, atol=1e-4)
     wm = WorldModel.load(tiny_run, compile=True)
     assert wm.compiled and WorldModel.untrained(wm).compiled
+    assert not WorldModel.untrained(wm, compile=False).compiled  # sfw eval's baseline
 
 
 @pytest.mark.slow
