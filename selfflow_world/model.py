@@ -358,10 +358,14 @@ class WorldDiT(nn.Module):
         h, hidden = self._trunk(h, c, ids, mask, return_hidden=wanted, stop_at=stop_at)
         if stop_at is not None:
             return hidden
-        out = self._unpatchify(self.final(h, c), frames).float()  # float32 whatever the weights
-        if self.config.residual:
-            out = out + prev  # (B, T, C, H, W): the change is predicted, the previous frame given
+        out = self._head(h, c, prev, frames)
         return (out, hidden) if return_hidden else out
+
+    def _head(self, h: Tensor, c: Tensor, prev: Tensor, frames: int) -> Tensor:
+        """The output ``(B, T, C, H, W)`` in float32 (whatever the weights) from the last hidden
+        state; with the residual head the change is predicted and the previous frame added."""
+        out = self._unpatchify(self.final(h, c), frames).float()
+        return out + prev if self.config.residual else out
 
     def velocity(self, pred: Tensor, x_t: Tensor, t: Tensor | float) -> Tensor:
         """Velocity from this model's output ``(B, T, C, H, W)``; ``t`` as in :meth:`forward`."""
@@ -391,7 +395,7 @@ class WorldDiT(nn.Module):
 
         Compiled: the input embedding, each block's two stages around the cache
         (:meth:`~selfflow_world.layers.Block.attention_inputs` and ``finish``), the last block's
-        keys/values and the final layer. The cache's ring stays outside the graphs, so its slot
+        keys/values, the output head and the velocity conversion. The cache's ring stays outside the graphs, so its slot
         arithmetic does not break them. The first rollout of a new shape (batch size, context
         length) compiles; later rollouts run faster (BENCHMARKS.md). Needs a C++ compiler on CPU.
         Calling it again does nothing.
@@ -436,7 +440,10 @@ class WorldDiT(nn.Module):
             return embed(x, torch.as_tensor(t, dtype=torch.float32, device=x.device), actions, prev)
 
         self._embed = embed_levels_as_tensor  # type: ignore[method-assign]
-        self.final.forward = compiled(self.final.forward)  # type: ignore[method-assign]
+        # the pixel-space tail of a step: final layer, unpatchify, residual, velocity (at large
+        # batches these full-frame float32 passes cost about as much as a block's elementwise work)
+        self._head = compiled(self._head)  # type: ignore[method-assign]
+        self.velocity = compiled(self.velocity)  # type: ignore[method-assign]
         self._compiled_rollouts = True
 
     def _as_clip(self, cache: KVCache, frames: Tensor, actions: Tensor, prev: Tensor | None):
@@ -448,7 +455,7 @@ class WorldDiT(nn.Module):
             raise ValueError(f"batch of {frames.shape[0]} rows for a cache of {cache.batch}")
         if prev is None:
             first = torch.zeros_like(frames[:, 0]) if cache.last is None else cache.last
-            prev = torch.cat([first[:, None], frames[:, :-1]], dim=1)
+            prev = first[:, None] if frames.shape[1] == 1 else torch.cat([first[:, None], frames[:, :-1]], 1)
         return frames, actions, prev
 
     def append(
@@ -509,7 +516,5 @@ class WorldDiT(nn.Module):
         h, c = self._embed(clip, t, actions, prev)
         ids = self._frame_ids(cache.next_index, 1, x_t.device)
         h, hidden = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
-        out = self._unpatchify(self.final(h, c), 1)[:, 0].float()
-        if self.config.residual:
-            out = out + prev[:, 0]
+        out = self._head(h, c, prev, 1)[:, 0]
         return (out, hidden) if return_hidden else out
