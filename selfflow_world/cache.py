@@ -60,10 +60,9 @@ class KVCache:
         )
 
     def _used(self, layer: int) -> tuple[Tensor, Tensor]:
-        # one new frame in ``slot``: until the ring first fills, the used slots are 0..frames (the new one last)
-        used = (
-            (self.frames + 1) * self.tokens if self.frames < self.window else (self.window + 1) * self.tokens
-        )
+        # one new frame in ``slot``: the cached frames (at most ``window``) and it; until the ring
+        # first fills, those are the slots 0..frames, the new one last
+        used = (self.frames + 1) * self.tokens
         return self.keys[layer][:, :, :used], self.values[layer][:, :, :used]
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
