@@ -395,10 +395,10 @@ class WorldDiT(nn.Module):
 
         Compiled: the input embedding, each block's two stages around the cache
         (:meth:`~selfflow_world.layers.Block.attention_inputs` and ``finish``), the last block's
-        keys/values, the output head and the velocity conversion. The cache's ring stays outside the graphs, so its slot
-        arithmetic does not break them. The first rollout of a new shape (batch size, context
-        length) compiles; later rollouts run faster (BENCHMARKS.md). Needs a C++ compiler on CPU.
-        Calling it again does nothing.
+        keys/values, the output head and the velocity conversion. The cache's ring stays outside
+        the graphs, so its slot arithmetic does not break them. The first rollout of a new shape
+        (batch size, context length) compiles; later rollouts run faster (BENCHMARKS.md). Needs a
+        C++ compiler on CPU. Calling it again does nothing.
 
         ``freeze=False``: the blocks share graphs, with their parameters as inputs rather than
         constants, so weights loaded or updated in place later are the ones used (15-60 s of
@@ -424,9 +424,9 @@ class WorldDiT(nn.Module):
                 return graph
             from torch._inductor import config as inductor
 
-            def frozen(*args):  # dynamo reads the setting while tracing, inductor while compiling
+            def frozen(*args, **kwargs):  # dynamo reads it while tracing, inductor while compiling
                 with inductor.patch(freezing=True):
-                    return graph(*args)
+                    return graph(*args, **kwargs)
 
             return frozen
 
