@@ -169,7 +169,13 @@ def main() -> None:
         help="both: float32 and, where native, bf16 autocast",
     )
     args = p.parse_args()
-    from selfflow_world.runtime import bf16_supported, casts_weights, resolve_device, tune_allocator
+    from selfflow_world.runtime import (
+        bf16_supported,
+        casts_weights,
+        freezes_compiled,
+        resolve_device,
+        tune_allocator,
+    )
 
     device = resolve_device(args.device)
     model = build_model(args, device)
@@ -202,7 +208,7 @@ def main() -> None:
     if args.compile:
         label, net, bf16 = variants[default]
         compiled = copy.deepcopy(net)
-        freeze = args.freeze == "yes" or (args.freeze == "auto" and device.type == "cpu")
+        freeze = args.freeze == "yes" or (args.freeze == "auto" and freezes_compiled(device))
         compiled.compile_rollouts(freeze=freeze)
         start = time.perf_counter()
         for b in batches:  # compile every shape timed below, outside the timing

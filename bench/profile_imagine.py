@@ -17,7 +17,14 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from selfflow_world.model import WorldDiT, model_config
-from selfflow_world.runtime import autocast, bf16_supported, casts_weights, resolve_device, tune_allocator
+from selfflow_world.runtime import (
+    autocast,
+    bf16_supported,
+    casts_weights,
+    freezes_compiled,
+    resolve_device,
+    tune_allocator,
+)
 from selfflow_world.sampler import rollout
 
 
@@ -45,7 +52,7 @@ def main() -> None:
     if bf16 and casts_weights(device):  # as WorldModel does
         model = model.to(torch.bfloat16)
     if args.compile:
-        model.compile_rollouts(freeze=device.type == "cpu")  # as WorldModel does
+        model.compile_rollouts(freeze=freezes_compiled(device))  # as WorldModel does
     gen = torch.Generator(device).manual_seed(0)
     ctx = torch.rand(args.batch, args.history, 3, 64, 64, device=device) * 2 - 1
     ctx_actions = torch.zeros(args.batch, args.history, 2, device=device)

@@ -295,8 +295,9 @@ class WorldDiT(nn.Module):
         store_only_last: bool = False,
     ) -> tuple[Tensor, dict[int, Tensor]]:
         """Run the blocks; returns the last hidden state and the requested hidden states; ``past``
-        (a rollout cache) stores each block's keys/values of the new tokens. ``store_only_last`` (appending to ``past``): the last
-        block only computes and stores its keys/values, and the returned hidden state is stale."""
+        (a rollout cache) stores each block's keys/values of the new tokens. ``store_only_last``
+        (appending to ``past``): the last block only computes and stores its keys/values, and the
+        returned hidden state is stale."""
         depth = self.config.depth
         last = depth if stop_at is None else stop_at
         if not 1 <= last <= depth:

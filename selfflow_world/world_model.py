@@ -22,7 +22,7 @@ from torch import Tensor
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
 from selfflow_world.model import ModelConfig, WorldDiT
-from selfflow_world.runtime import autocast, casts_weights, tune_allocator
+from selfflow_world.runtime import autocast, casts_weights, freezes_compiled, tune_allocator
 from selfflow_world.sampler import METHODS, rollout
 from selfflow_world.video import to_float
 
@@ -48,8 +48,8 @@ class WorldModel:
         self.bf16_weights = bf16 and casts_weights(device)  # the residual stream in bf16 too
         self.model = (model.to(torch.bfloat16) if self.bf16_weights else model).eval()
         self.compiled = compile
-        if compile:  # frozen graphs on CPU (weights never change here): 1.1x faster than shared ones
-            self.model.compile_rollouts(freeze=device.type == "cpu")
+        if compile:  # the weights never change here, so they may be frozen into the graphs
+            self.model.compile_rollouts(freeze=freezes_compiled(device))
         self.meta = meta
         self.device = device
         self.config: ModelConfig = self.model.config
