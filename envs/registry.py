@@ -2,7 +2,7 @@
 as ``gym/<Id>``, resolved without a file per env.
 
 Curated defaults (camera, action repeat) make the robot fill a 64x64 frame and make one agent step
-change the frame visibly (DESIGN.md section 3); any env not listed gets the family default.
+change the frame visibly (../docs/method.md); any env not listed gets the family default.
 """
 
 from __future__ import annotations

@@ -122,6 +122,9 @@ def load_weights(ckpt: Path, prefix: str, module: nn.Module) -> None:
     except Exception as err:  # safetensors raises its own error types
         raise UserError(f"checkpoint {ckpt}: weights.safetensors is unreadable ({err})") from err
     state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    upgrade = getattr(unwrap(module), "upgrade_state_dict", None)  # weights under former names
+    if upgrade is not None:
+        state = upgrade(state)
     target = unwrap(module).state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
@@ -145,5 +148,18 @@ def load_weights(ckpt: Path, prefix: str, module: nn.Module) -> None:
 
 
 def load_train_state(ckpt: Path) -> dict[str, Any]:
-    """Optimizer, schedule and RNG states (``weights_only`` loading: no arbitrary objects)."""
-    return torch.load(Path(ckpt) / "train_state.pt", map_location="cpu", weights_only=True)
+    """Optimizer, schedule and RNG states (``weights_only`` loading: no arbitrary objects).
+
+    A file that holds anything else (tampered, or written by other software) is refused with a
+    one-line error naming it; it is never unpickled in full."""
+    path = Path(ckpt) / "train_state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise UserError(f"checkpoint {ckpt} has no train_state.pt, so it cannot be resumed") from err
+    except Exception as err:  # pickle.UnpicklingError, RuntimeError from a corrupt zip, ...
+        raise UserError(
+            f"{path} is not a selfflow-world training state (it holds objects other than tensors and "
+            f"plain containers, or is corrupt: {err.__class__.__name__}); refusing to load it. Resume from "
+            "another checkpoint, or start a new run"
+        ) from err

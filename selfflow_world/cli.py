@@ -117,6 +117,12 @@ def _cmd_imagine(args: argparse.Namespace) -> int:
 
     cfg = load_config("imagine", args.overrides, ImagineConfig)
     for row in run_imagine(cfg):
+        if "action_sequences" in row:  # one start under several action sequences
+            print(
+                f"episode {row['episode']} under {', '.join(row['action_sequences'])} actions, "
+                "simulator | model -> " + ", ".join(row["files"])
+            )
+            continue
         print(
             f"episode {row['episode']}: {row['frames']} frames, PSNR {row['psnr_mean']:.2f} dB -> "
             + ", ".join(row["files"])

@@ -7,6 +7,7 @@ YAML under ``configs/`` holds the values, a dataclass is the schema: :func:`load
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TypeVar
 
@@ -25,6 +26,16 @@ def load_config(name: str, overrides: list[str], schema: type[T]) -> T:
     for item in overrides:
         if "=" not in item:
             raise UserError(f"expected key=value, got {item!r} (example: steps=100)")
+    # a group's YAML (e.g. configs/model/small.yaml) need not list every field of its schema: an
+    # override of a field it leaves out is added, and the schema merge below still refuses a key
+    # the schema lacks and a value of the wrong type
+    groups = {f.name for f in dataclasses.fields(schema) if dataclasses.is_dataclass(f.default_factory)}
+    overrides = [
+        "++" + item
+        if item.split("=", 1)[0].split(".", 1)[0] in groups and "." in item.split("=", 1)[0]
+        else item
+        for item in overrides
+    ]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module("selfflow_world.configs", version_base="1.3"):

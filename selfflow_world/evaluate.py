@@ -29,7 +29,7 @@ import torch
 
 from selfflow_world.errors import UserError
 from selfflow_world.imagine import RolloutSettings
-from selfflow_world.runtime import resolve_device
+from selfflow_world.runtime import autocast, resolve_device
 from selfflow_world.video import to_float
 
 
@@ -59,55 +59,73 @@ def _summary(per_episode: torch.Tensor, level: float) -> dict[str, float]:
     return {"mean": mean, "low": low, "high": high}
 
 
-def replay_frames(env, infos, start_states: np.ndarray, actions: np.ndarray) -> np.ndarray:
-    """Frames the simulator shows when ``actions`` (B, T, A) are applied from ``start_states`` (B, S),
-    each restored after a reset with its episode's seed: uint8 (B, T, h, w, 3)."""
-    out = []
+def replay(env, infos, start_states: np.ndarray, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the simulator does when ``actions`` (B, T, A) are applied from ``start_states`` (B, S),
+    each restored after a reset with its episode's seed: uint8 frames (B, T, h, w, 3) and the
+    physics state after each step (B, T, S). An episode that terminates holds its last frame."""
+    frames_out, states_out = [], []
     for b, info in enumerate(infos):
         env.restore(start_states[b], seed=info.meta["env_seed"])
-        frames = []
+        frames, states = [], []
         for a in actions[b]:
             obs, _, term, _, _ = env.step(a)
             frames.append(obs)
-            if term:  # the episode ended under these actions: hold the last frame
+            states.append(env.get_physics_state())
+            if term:
                 break
         frames += [frames[-1]] * (len(actions[b]) - len(frames))
-        out.append(np.stack(frames))
-    return np.stack(out)
+        states += [states[-1]] * (len(actions[b]) - len(states))
+        frames_out.append(np.stack(frames))
+        states_out.append(np.stack(states))
+    return np.stack(frames_out), np.stack(states_out)
+
+
+def alternative_actions(
+    actual: np.ndarray, low: np.ndarray, high: np.ndarray, seed: int
+) -> dict[str, np.ndarray]:
+    """The counterfactual action sequences of the evaluation, each (B, T, A) in env units:
+    ``other_episode`` (every rollout gets another rollout's recorded actions, a derangement),
+    ``uniform`` (uniform within the bounds) and ``zero`` (the middle of the bounds: zero torque
+    for the usual symmetric bounds)."""
+    from selfflow_world.metrics import shuffle_actions
+
+    shuffled = shuffle_actions(torch.from_numpy(actual), torch.Generator().manual_seed(seed)).numpy()
+    rng = np.random.default_rng(seed + 1)
+    uniform = rng.uniform(low, high, size=actual.shape).astype(np.float32)
+    zero = np.broadcast_to(((low + high) / 2).astype(np.float32), actual.shape).copy()
+    return {"other_episode": shuffled, "uniform": uniform, "zero": zero}
 
 
 @torch.no_grad()
-def history_dependence(
-    wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, real: np.ndarray, seed: int
-) -> dict[str, float]:
-    """Does the model use its history? One-step clean-frame prediction from pure noise (``t = 1``),
-    with each row's own context vs another row's (rolled by one), same noise and action.
+def motion_use(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, real: np.ndarray, seed: int):
+    """Does the model use the motion in its history, beyond the last frame? One-step clean-frame
+    prediction from pure noise (``t = 1``) with the rollout's own context vs a still context (every
+    context frame replaced by the last one: the same picture, no motion), same noise and action.
 
-    ``ratio`` = mean |change of the prediction| / mean |difference of the two true next frames|: about
-    1 when the prediction follows the history as the data does, 0 when it ignores it.
+    ``ratio`` = mean |change of the prediction| / mean |true frame change| (last context frame to
+    the next frame). Copying the last frame scores exactly 0, as does any predictor that only looks
+    at the last frame; NaN with a one-frame context (nothing to replace).
     """
+    from selfflow_world.action_following import one_step_prediction
+
     model = wm.model
     context = to_float(ctx).to(wm.device)
     ctx_a = wm.normalize_actions(torch.from_numpy(ctx_act).to(wm.device))
     action = wm.normalize_actions(torch.from_numpy(actions[:, 0]).to(wm.device))
     gen = torch.Generator(wm.device).manual_seed(seed)
     noise = torch.randn(context[:, 0].shape, generator=gen, device=wm.device)
-    ones = torch.ones(context.shape[0], device=wm.device)
-
-    def predict(frames: torch.Tensor, frame_actions: torch.Tensor) -> torch.Tensor:
-        cache = model.init_cache(frames.shape[0])
-        model.append(cache, frames, frame_actions)
-        pred = model.step(cache, noise, ones, action)
-        return model.clean(pred[:, None], noise[:, None], ones)[:, 0].float()
-
-    own = predict(context, ctx_a)
-    swapped = predict(context.roll(1, 0), ctx_a.roll(1, 0))
     nxt = to_float(real[:, 0]).to(wm.device)
-    change = float((own - swapped).abs().mean())
-    truth = float((nxt - nxt.roll(1, 0)).abs().mean())
+    truth = float((nxt - context[:, -1]).abs().mean())
+    if context.shape[1] < 2:
+        return {"mean_abs_change": float("nan"), "true_frame_change": truth, "ratio": float("nan")}
+    still = context[:, -1:].expand_as(context).contiguous()
+    with autocast(wm.device, wm.bf16 and not wm.bf16_weights):
+        own = one_step_prediction(model, context, ctx_a, action, noise)
+        frozen = one_step_prediction(model, still, ctx_a, action, noise)
+    change = float((own - frozen).abs().mean())
     return {
         "mean_abs_change": change,
-        "true_next_frame_difference": truth,
+        "true_frame_change": truth,
         "ratio": change / truth if truth > 0 else float("nan"),
     }
 
@@ -174,6 +192,7 @@ def _clip_features(wm, dataset, limit: int, state_map: StateMap, generator: np.r
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Compute the report, write report.json, report.md and plots into ``cfg.out``; return the report."""
+    from selfflow_world.action_following import following_ratio
     from selfflow_world.clips import ClipDataset, ClipSpec
     from selfflow_world.envs import make
     from selfflow_world.episodes import read_manifest
@@ -183,7 +202,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         frechet_distance,
         linear_probe_r2,
         psnr_per_horizon,
-        shuffle_actions,
         ssim_per_horizon,
     )
     from selfflow_world.probe import fit_probe, probe_error
@@ -212,16 +230,19 @@ def run_eval(cfg: EvalConfig) -> dict:
     def imagine(model, actions):
         return cfg.imagine(model, ctx, actions, ctx_act)  # same noise for every variant
 
-    shuffled = shuffle_actions(torch.from_numpy(fut_act), torch.Generator().manual_seed(cfg.seed)).numpy()
+    low = np.asarray(manifest["action_low"], np.float32)
+    high = np.asarray(manifest["action_high"], np.float32)
+    alternatives = alternative_actions(fut_act, low, high, cfg.seed)
     videos = {
         "model": imagine(wm, fut_act),
         "copy_last": np.repeat(ctx[:, -1:], horizon, axis=1),
         "untrained": imagine(untrained, fut_act),
     }
-    shuffled_video = imagine(wm, shuffled)
+    alt_videos = {name: imagine(wm, acts) for name, acts in alternatives.items()}
     real_t = to_float(real)  # float (B, T, 3, h, w), converted once like every video below
     videos_t = {k: to_float(v) for k, v in videos.items()}
-    shuffled_t = to_float(shuffled_video)
+    alt_t = {k: to_float(v) for k, v in alt_videos.items()}
+    shuffled_t = alt_t["other_episode"]
     report: dict = {
         "checkpoint": str(cfg.ckpt),
         "step": wm.meta.get("step"),
@@ -234,7 +255,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "context_frames": hist,
         "level": cfg.level,
     }
-    report["history_use"] = history_dependence(wm, ctx, ctx_act, fut_act, real, cfg.seed)
+    report["history_use"] = motion_use(wm, ctx, ctx_act, fut_act, real, cfg.seed)
     psnr_all = {k: psnr_per_horizon(real_t, v) for k, v in videos_t.items()}
     ssim_all = {k: ssim_per_horizon(real_t, v) for k, v in videos_t.items()}
     report["psnr"] = {
@@ -265,15 +286,18 @@ def run_eval(cfg: EvalConfig) -> dict:
         camera=manifest["camera"],
         action_repeat=manifest["action_repeat"],
     )
+    sim_alt: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
         if cfg.replay:
             start_states = seg.states[:, hist - 1]  # the last context frame of each rollout
-            truth = replay_frames(env, infos, start_states, shuffled)
-            check = replay_frames(env, infos, start_states, fut_act)
+            sim_alt = {name: replay(env, infos, start_states, acts) for name, acts in alternatives.items()}
+            check, _ = replay(env, infos, start_states, fut_act)
             report["replay"] = {
                 "psnr_shuffled_actions": {
-                    "per_horizon": _curve(psnr_per_horizon(to_float(truth), shuffled_t), cfg.level)
+                    "per_horizon": _curve(
+                        psnr_per_horizon(to_float(sim_alt["other_episode"][0]), shuffled_t), cfg.level
+                    )
                 },
                 "replay_matches_recording": bool(np.array_equal(check, real)),
             }
@@ -331,6 +355,35 @@ def run_eval(cfg: EvalConfig) -> dict:
             ),
         }
     report["state_probe"] = state_report
+
+    # counterfactuals: the model and the restored simulator under the same alternative actions
+    if sim_alt:
+        counterfactual: dict = {"alternatives": list(alternatives), "per_alternative": {}}
+        for name, (sim_frames, sim_states) in sim_alt.items():
+            sim_t = to_float(sim_frames)
+            err = probe_error(probe, alt_t[name], state_map(sim_states))  # (B, T, S)
+            rel = (err.pow(2).mean(0).sqrt() / floor.clamp(min=1e-8)).mean(-1)
+            copy_err = probe_error(probe, videos_t["copy_last"], state_map(sim_states))
+            copy_rel = (copy_err.pow(2).mean(0).sqrt() / floor.clamp(min=1e-8)).mean(-1)
+            counterfactual["per_alternative"][name] = {
+                "following_ratio": following_ratio(videos_t["model"], alt_t[name], real_t, sim_t, cfg.level),
+                "psnr_vs_simulator": {"per_horizon": _curve(psnr_per_horizon(sim_t, alt_t[name]), cfg.level)},
+                "psnr_copy_last_vs_simulator": {
+                    "per_horizon": _curve(psnr_per_horizon(sim_t, videos_t["copy_last"]), cfg.level)
+                },
+                "state_error_relative_to_floor_per_horizon": rel.tolist(),
+                "copy_last_state_error_relative_to_floor_per_horizon": copy_rel.tolist(),
+            }
+        # all alternatives together: one ratio per horizon over every (rollout, alternative) pair
+        names = list(sim_alt)
+        counterfactual["following_ratio"] = following_ratio(
+            torch.cat([videos_t["model"]] * len(names)),
+            torch.cat([alt_t[n] for n in names]),
+            torch.cat([real_t] * len(names)),
+            torch.cat([to_float(sim_alt[n][0]) for n in names]),
+            cfg.level,
+        )
+        report["counterfactual"] = counterfactual
 
     # representation quality: linear probe of (qpos, qvel) from features at t = 0
     limit = min(cfg.probe_frames, 2000)
@@ -391,6 +444,23 @@ def write_plots(report: dict, out: Path) -> list[str]:
     fig.savefig(out / "state_error_vs_horizon.png", dpi=120)
     plt.close(fig)
     files.append("state_error_vs_horizon.png")
+    if "counterfactual" in report:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for name, row in report["counterfactual"]["per_alternative"].items():
+            ax.plot(steps, row["following_ratio"]["per_horizon"]["mean"], label=name, marker="o", ms=3)
+        c = report["counterfactual"]["following_ratio"]["per_horizon"]
+        if not any(math.isnan(v) for v in c["low"]):
+            ax.fill_between(steps, c["low"], c["high"], alpha=0.2, label="all (95% CI)")
+        ax.axhline(1.0, color="gray", ls="--", label="simulator")
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xlabel("frames ahead")
+        ax.set_ylabel("model change / simulator change")
+        ax.set_title("Following actions")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "action_following_vs_horizon.png", dpi=120)
+        plt.close(fig)
+        files.append("action_following_vs_horizon.png")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, per_layer in report["representation_r2"].items():
         ax.plot([int(k) for k in per_layer], list(per_layer.values()), label=name, marker="o")
@@ -430,6 +500,14 @@ def summary_text(report: dict) -> str:
     lines.append(
         f"  controllability gap (MSE shuffled - true) {c['gap']:.4f} [{c['gap_low']:.4f}, {c['gap_high']:.4f}]"
     )
+    if "counterfactual" in report:
+        f = report["counterfactual"]["following_ratio"]["per_horizon"]
+        picks = sorted({0, min(7, report["horizon"] - 1), report["horizon"] - 1})
+        lines.append(
+            "  action-following ratio (model change / simulator change under other actions; 1 = like "
+            "the simulator, 0 = ignores actions): "
+            + ", ".join(f"@{h + 1} {_fmt({k: f[k][h] for k in ('mean', 'low', 'high')})}" for h in picks)
+        )
     s = report["state_probe"]
     lines.append(
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
@@ -481,9 +559,9 @@ def report_markdown(report: dict) -> str:
     ]
     hu = report["history_use"]
     lines.append(
-        f"History use: swapping the context for another rollout's changes the one-step prediction from pure "
-        f"noise by {hu['mean_abs_change']:.4f} (mean |diff|, [-1, 1] units) where the true next frames differ "
-        f"by {hu['true_next_frame_difference']:.4f}: ratio {hu['ratio']:.2f} (0 = history ignored)."
+        f"Motion use: replacing the context by a still one (every frame the last) changes the one-step "
+        f"prediction from pure noise by {hu['mean_abs_change']:.4f} (mean |diff|, [-1, 1] units) where the "
+        f"true frame changes by {hu['true_frame_change']:.4f}: ratio {hu['ratio']:.2f} (copy-last scores 0)."
     )
     if "replay" in report:
         r = report["replay"]
@@ -491,6 +569,45 @@ def report_markdown(report: dict) -> str:
             f"Replay in the simulator reproduces the recording: {r['replay_matches_recording']}; PSNR under "
             f"shuffled actions against their replayed truth: {np.mean(r['psnr_shuffled_actions']['per_horizon']['mean']):.2f} dB."
         )
+    if "counterfactual" in report:
+        cf = report["counterfactual"]
+        picks = sorted({0, min(7, h - 1), h - 1})
+        head = " | ".join(f"@{k + 1}" for k in picks)
+        lines += [
+            "",
+            "## Following actions: the model against the simulator under alternative actions",
+            "",
+            "From each start the restored simulator and the model both run the recorded actions and each "
+            "alternative. Action-following ratio = the model's frame change over the simulator's frame "
+            "change when the actions change (1 = reacts like the simulator, 0 = ignores its actions); "
+            "PSNR and probed state error (over the probe floor) are against the simulator under the same "
+            "alternative actions.",
+            "",
+            f"| actions | following ratio {head} | PSNR vs simulator {head} | copy-last PSNR {head} | "
+            f"state err / floor {head} | copy-last {head} |",
+            "|---|---|---|---|---|---|",
+        ]
+
+        def cells(values: list[float], digits: int = 2) -> str:
+            return " / ".join(f"{values[k]:.{digits}f}" for k in picks)
+
+        for name, row in cf["per_alternative"].items():
+            lines.append(
+                f"| {name} | {cells(row['following_ratio']['per_horizon']['mean'])} | "
+                f"{cells(row['psnr_vs_simulator']['per_horizon']['mean'])} | "
+                f"{cells(row['psnr_copy_last_vs_simulator']['per_horizon']['mean'])} | "
+                f"{cells(row['state_error_relative_to_floor_per_horizon'])} | "
+                f"{cells(row['copy_last_state_error_relative_to_floor_per_horizon'])} |"
+            )
+        f = cf["following_ratio"]["per_horizon"]
+        lines += [
+            "",
+            "All alternatives together, following ratio with its interval: "
+            + ", ".join(
+                f"{k + 1} frames {_fmt({q: f[q][k] for q in ('mean', 'low', 'high')})}" for k in picks
+            )
+            + ".",
+        ]
     rep = report["representation_r2"]
     lines += [
         "",

@@ -61,6 +61,7 @@ class ImagineConfig(RolloutSettings):
     episodes: int = 4
     split: str = "val"
     fps: int = 8
+    alternatives: bool = True  # also a video of one start under several action sequences
 
 
 @dataclass
@@ -164,4 +165,47 @@ def run_imagine(cfg: ImagineConfig) -> list[dict]:
                 "files": [str(f) for f in files],
             }
         )
+    if cfg.alternatives:
+        summary.append(write_action_video(cfg, wm, seg, out / "actions"))
     return summary
+
+
+def write_action_video(settings: RolloutSettings, wm, seg: Segments, path: Path) -> dict:
+    """From the first rollout's start, the model and the restored simulator under the recorded
+    actions and each alternative of :func:`~selfflow_world.evaluate.alternative_actions`, side by
+    side in one video (``path`` .gif / .mp4). Returns its summary."""
+    from selfflow_world.envs import make
+    from selfflow_world.episodes import read_manifest
+    from selfflow_world.evaluate import alternative_actions, replay
+    from selfflow_world.video import action_grid, write_video
+
+    manifest = read_manifest(Path(settings.data))
+    low = np.asarray(manifest["action_low"], np.float32)
+    high = np.asarray(manifest["action_high"], np.float32)
+    rows = min(len(seg.infos), 4)  # other_episode needs a second rollout to take actions from
+    sequences = {"recorded": seg.actions[:rows]}
+    for name, acts in alternative_actions(seg.actions[:rows], low, high, settings.seed).items():
+        if name != "other_episode" or rows > 1:
+            sequences[name] = acts
+    env = make(
+        manifest["env"],
+        size=tuple(manifest["size"]),
+        camera=manifest["camera"],
+        action_repeat=manifest["action_repeat"],
+    )
+    try:
+        start = seg.states[:rows, wm.history - 1]
+        sims = {name: replay(env, seg.infos[:rows], start, acts)[0] for name, acts in sequences.items()}
+    finally:
+        env.close()
+    models = {
+        name: settings.imagine(wm, seg.context[:rows], acts, seg.context_actions[:rows])
+        for name, acts in sequences.items()
+    }
+    grid = action_grid([(name, sims[name][0], models[name][0]) for name in sequences])
+    files = write_video(path, grid, fps=getattr(settings, "fps", 8))
+    return {
+        "episode": seg.infos[0].index,
+        "action_sequences": list(sequences),
+        "files": [str(f) for f in files],
+    }

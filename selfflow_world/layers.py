@@ -1,4 +1,4 @@
-"""Building blocks of the video DiT: positions, timestep embedding, attention and adaLN-Zero blocks.
+"""Building blocks of the video DiT: positions, attention and adaLN-Zero blocks.
 
 Shapes: ``B`` batch, ``N`` tokens (frame-major), ``D`` width, ``h`` heads, ``d`` head dim.
 Conditioning is per token, ``c`` of shape ``(B, N, D)``, so every block modulates each token with its
@@ -7,7 +7,6 @@ own noise level and action.
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -41,14 +40,6 @@ def sincos_2d(height: int, width: int, dim: int) -> Tensor:
         return torch.cat([angles.sin(), angles.cos()], dim=1)  # (hw, dim/2)
 
     return torch.cat([encode(rows), encode(cols)], dim=1).float()  # (hw, dim)
-
-
-def timestep_embedding(t: Tensor, dim: int, scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of noise levels ``t`` in [0, 1]: ``(...,) -> (..., dim)`` (``dim`` even)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[..., None] * scale * freqs  # (..., dim/2)
-    return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Offline metrics for imagined video against simulator ground truth (design card, section 6).
+"""Offline metrics for imagined video against simulator ground truth (docs/evaluation.md).
 
 Everything here is a pure function of tensors: no downloaded weights, no global state, no logging.
 Frames are float in [-1, 1] shaped ``(B, C, H, W)`` (images) or ``(B, T, C, H, W)`` (videos);

@@ -1,6 +1,6 @@
 """The world model: a frame-causal video DiT with per-token adaLN-Zero conditioning.
 
-Conventions (DESIGN.md section 2):
+Conventions (docs/conventions.md):
 
 - Time is the noise level: ``x_t = (1 - t) * x + t * eps``, ``t = 0`` clean, ``t = 1`` pure noise;
   velocity ``v = eps - x``. Clean history frames have ``t = 0``.
@@ -15,7 +15,7 @@ A token attends to its own frame and to earlier frames. Temporal positions are R
 frame index, so scores depend on frame offsets only and cached keys stay valid when a rollout window
 slides (``init_cache`` / ``append`` / ``step``).
 
-Parameter counts (``count_parameters``, action_dim 6): tiny 55.5k, small 5.83M, base 58.0M.
+Parameter counts are pinned by ``tests/test_model.py::test_preset_parameter_counts``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from selfflow_world.cache import KVCache
+from selfflow_world.conditioning import ACTION_EMBEDDINGS, Conditioning
 from selfflow_world.errors import UserError, check_positive
-from selfflow_world.layers import Block, FinalLayer, frame_mask, rope_cos_sin, sincos_2d, timestep_embedding
+from selfflow_world.layers import Block, FinalLayer, frame_mask, rope_cos_sin, sincos_2d
 
 PREDICTIONS = ("x", "v")
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -56,11 +57,27 @@ class ModelConfig:
     action_input_path: bool = True  # add a linear embedding of the frame's action to its tokens
     rope_base: float = 100.0  # temporal RoPE base; frame offsets are small
     # x-prediction as "previous clean frame + predicted change": a fresh model copies the last frame,
-    # so training starts from the copy-last baseline instead of a grey frame (presets turn it on)
-    residual: bool = False
-    # MLP activation: "gelu" (exact, erf) in the presets; "gelu_tanh" is the tanh approximation that
-    # checkpoints from before this setting use (its CPU kernel is ~3.5x slower than erf's)
-    mlp_act: str = "gelu_tanh"
+    # so training starts from the copy-last baseline instead of a grey frame
+    residual: bool = True
+    # MLP activation: "gelu" (exact, erf); "gelu_tanh" is the tanh approximation that checkpoints
+    # from before this setting use (its CPU kernel is ~3.5x slower than erf's)
+    mlp_act: str = "gelu"
+    # how actions enter the adaLN conditioning (selfflow_world.conditioning): "fourier" features at
+    # the time embedding's scale, or "linear" (checkpoints from before this setting)
+    action_embedding: str = "fourier"
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], source: object = "checkpoint") -> ModelConfig:
+        """The config a checkpoint's ``meta.json`` recorded. Settings it predates take the values
+        that checkpoints of its time were built with (:data:`LEGACY_DEFAULTS`), not today's."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(saved) - fields)
+        if unknown:
+            raise UserError(
+                f"{source} has model settings this version does not know: {unknown}; it was written by "
+                "a newer selfflow-world, upgrade to load it"
+            )
+        return cls(**{**LEGACY_DEFAULTS, **saved})
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,20 +113,27 @@ class ModelConfig:
             raise UserError(f"model mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
         if not self.rope_base > 1:
             raise UserError(f"model rope_base must be > 1, got {self.rope_base!r}")
+        if self.action_embedding not in ACTION_EMBEDDINGS:
+            raise UserError(
+                f"model action_embedding must be one of {ACTION_EMBEDDINGS}, got {self.action_embedding!r}"
+            )
 
     @property
     def tokens_per_frame(self) -> int:
         return (self.image_size // self.patch) ** 2
 
 
+# ModelConfig fields that come from the dataset, not from a preset or the command line
+DATA_FIELDS = ("image_size", "action_dim", "max_frames")
+
+# settings a checkpoint written before they existed was built with (ModelConfig.from_saved)
+LEGACY_DEFAULTS: dict[str, Any] = {"residual": False, "mlp_act": "gelu_tanh", "action_embedding": "linear"}
+
+# size presets: only the sizes; every other setting is ModelConfig's default
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2, residual=True, mlp_act="gelu"),  # tests
-    "small": dict(  # CPU, 64 tokens/frame
-        image_size=64, patch=8, width=224, depth=6, heads=4, residual=True, mlp_act="gelu"
-    ),
-    "base": dict(  # GPU, 256 tokens/frame
-        image_size=64, patch=4, width=512, depth=12, heads=8, residual=True, mlp_act="gelu"
-    ),
+    "tiny": dict(image_size=16, patch=4, width=32, depth=2, heads=2),  # tests
+    "small": dict(image_size=64, patch=8, width=224, depth=6, heads=4),  # CPU, 64 tokens/frame
+    "base": dict(image_size=64, patch=4, width=512, depth=12, heads=8),  # GPU, 256 tokens/frame
 }
 
 
@@ -204,9 +228,7 @@ class WorldDiT(nn.Module):
         self.prev_embed = nn.Linear(patch_dim, d) if config.prev_frame_path else None
         self.action_in = nn.Linear(config.action_dim, d) if config.action_input_path else None
         self.register_buffer("pos", sincos_2d(self.grid, self.grid, d), persistent=False)  # (L, D)
-        self.time_freq_dim = 256
-        self.time_embed = nn.Sequential(nn.Linear(self.time_freq_dim, d), nn.SiLU(), nn.Linear(d, d))
-        self.action_embed = nn.Sequential(nn.Linear(config.action_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.conditioning = Conditioning(d, config.action_dim, config.action_embedding)
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.mlp_ratio, config.mlp_act) for _ in range(config.depth)
         )
@@ -221,9 +243,7 @@ class WorldDiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight, generator=generator)
                 nn.init.zeros_(module.bias)
-        for mlp in (self.time_embed, self.action_embed):
-            for layer in (mlp[0], mlp[2]):
-                nn.init.normal_(layer.weight, std=0.02, generator=generator)
+        self.conditioning.reset_parameters(generator)
         for block in self.blocks:
             block.zero_init()
         self.final.zero_init()
@@ -269,14 +289,21 @@ class WorldDiT(nn.Module):
             # tokens share one conditioning vector, (B, 1, D), which the blocks broadcast, so the
             # adaLN modulation is computed once per frame instead of once per token
             t_ex = t_in.reshape(-1).expand(b).to(x.device)[:, None]  # (B, 1)
-            c = self.time_embed(timestep_embedding(t_ex, self.time_freq_dim).to(dtype)) + self.action_embed(
-                actions
-            )
-            return h, c
+            return h, self.conditioning(t_ex, actions)
         t_tok = tokens_t(t, b, frames, self.tokens_per_frame).to(x.device)  # (B, N)
-        c = self.time_embed(timestep_embedding(t_tok, self.time_freq_dim).to(dtype))  # (B, N, D)
-        c = c + repeat(self.action_embed(actions), per_frame, l=self.tokens_per_frame)
+        c = self.conditioning.embed_levels(t_tok)  # (B, N, D)
+        c = c + repeat(self.conditioning.embed_actions(actions), per_frame, l=self.tokens_per_frame)
         return h, c
+
+    @staticmethod
+    def upgrade_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Weights saved before the conditioning became its own module, under today's names."""
+        renamed = {}
+        for key, value in state.items():
+            if key.startswith(("time_embed.", "action_embed.")):
+                key = "conditioning." + key
+            renamed[key] = value
+        return renamed
 
     def _frame_ids(self, first: int, frames: int, device: torch.device) -> Tensor:
         """Absolute frame index of each token ``(frames * L,)``."""

@@ -1,6 +1,6 @@
 """The Self-Flow objective for an action-conditioned world model, as pure functions.
 
-A training clip is ``history`` clean frames followed by target frames (DESIGN.md section 4). History
+A training clip is ``history`` clean frames followed by target frames (docs/method.md). History
 tokens sit at ``t = 0`` (or a small ``t_hist ~ U[0, history_noise]`` per frame) and carry no loss.
 On target tokens:
 
@@ -12,6 +12,10 @@ On target tokens:
   actions and previous frames, stopped at block ``k``; the student's hidden state after block ``l``
   goes through a :class:`Projector`; ``L = L_flow + gamma * mean(1 - cos)`` over target tokens only
   (history tokens are identical for both, at the same noise level, and carry no signal).
+
+The flow loss's weighting over noise levels (``weighting``: velocity-space or clean-frame error), the
+share of examples at pure noise (``t_one``) and the weight on pixels that move (``motion_weight``) are
+shared by all three modes, so they stay comparable at equal steps (:func:`flow_error`).
 
 Every mode draws the same random numbers in the same order (noise, ``t``, ``s``, mask, history
 levels), so runs of different modes with one seed share their noise and their ``t``.
@@ -28,10 +32,11 @@ from einops import repeat
 from torch import Tensor, nn
 
 from selfflow_world.errors import UserError
-from selfflow_world.model import expand_t, shift_frames, to_velocity
+from selfflow_world.model import expand_t, shift_frames, to_clean, to_velocity
 
 MODES = ("flow", "dts", "selfflow")
 TIME_DISTS = ("uniform", "logit_normal")
+WEIGHTINGS = ("velocity", "x")
 
 
 @dataclass
@@ -44,6 +49,12 @@ class ObjectiveConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0  # t' = shift * t / (1 + (shift - 1) * t); > 1 moves mass towards noise
+    # what the flow loss averages over target pixels (see flow_error):
+    # "velocity": |v_hat - v|^2, which for x-prediction is |x_hat - x|^2 / max(t, t_min)^2;
+    # "x": the clean-frame error |x_hat - x|^2, the same weight at every noise level
+    weighting: str = "velocity"
+    t_one: float = 0.0  # share of examples whose target frames sit at t = 1 (pure noise; DTS's s too)
+    motion_weight: float = 0.0  # pixels whose value changed from the previous frame weigh 1 + this
     student_layer: int | None = None  # l, 1-based; None: round(0.3 * depth)
     teacher_layer: int | None = None  # k, 1-based; None: round(0.7 * depth)
     gamma: float = 0.8  # weight of the representation loss
@@ -59,6 +70,12 @@ class ObjectiveConfig:
             raise UserError(f"objective mask_ratio must be in [0, 0.5], got {self.mask_ratio!r}")
         if self.time_dist not in TIME_DISTS:
             raise UserError(f"objective time_dist must be one of {TIME_DISTS}, got {self.time_dist!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(f"objective weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not 0.0 <= self.t_one <= 1.0:
+            raise UserError(f"objective t_one must be in [0, 1], got {self.t_one!r}")
+        if not self.motion_weight >= 0:
+            raise UserError(f"objective motion_weight must be >= 0, got {self.motion_weight!r}")
         if not self.logit_std > 0 or not self.shift > 0:
             raise UserError(
                 f"objective logit_std and shift must be > 0, got {self.logit_std!r}, {self.shift!r}"
@@ -128,6 +145,36 @@ def sample_times(
             cfg.logit_mean + cfg.logit_std * _rand((n,), generator, torch.device(device), normal=True)
         )
     return cfg.shift * t / (1 + (cfg.shift - 1) * t)
+
+
+def flow_error(
+    pred: Tensor,
+    x_t: Tensor,
+    frames: Tensor,
+    eps: Tensor,
+    t_pix: Tensor,
+    prev: Tensor,
+    cfg: ObjectiveConfig,
+    prediction: str,
+    t_min: float,
+) -> Tensor:
+    """Per-pixel flow loss ``(B, T, C, H, W)`` (float32) of a model output, as ``cfg`` weighs it.
+
+    ``weighting="velocity"``: ``|v_hat - (eps - x)|^2`` with ``v_hat`` from :func:`to_velocity`; for
+    x-prediction that is the clean-frame error times ``1 / max(t, t_min)^2``, which leaves almost no
+    weight on high noise levels, the only ones where the next frame is not visible in ``x_t`` and the
+    action has to decide it. ``weighting="x"``: ``|x_hat - x|^2`` (``x_hat`` from :func:`to_clean`),
+    equal weight at every level. ``motion_weight`` ``m``: pixels whose clean value differs from
+    ``prev`` (the previous frame; by more than 1/127.5, one uint8 level) weigh ``1 + m``.
+    """
+    if cfg.weighting == "velocity":
+        err = (to_velocity(pred, x_t, t_pix, prediction, t_min) - (eps - frames)).float().pow(2)
+    else:
+        err = (to_clean(pred, x_t, t_pix, prediction) - frames).float().pow(2)
+    if cfg.motion_weight > 0:
+        moved = (frames - prev).abs().amax(dim=2, keepdim=True) > 1.0 / 127.5  # (B, T, 1, H, W)
+        err = err * (1.0 + cfg.motion_weight * moved.float())
+    return err
 
 
 def make_noisy(frames: Tensor, eps: Tensor, t: Tensor | float, patch: int) -> Tensor:
@@ -213,6 +260,9 @@ def compute_loss(
     s = sample_times(b, cfg, generator, device)  # (B,)
     use_s = _rand((b, n_target), generator, device) < cfg.mask_ratio  # (B, F * L)
     t_hist = repeat(_rand((b, history), generator, device) * cfg.history_noise, "b h -> b (h l)", l=tokens)
+    if cfg.t_one > 0:  # drawn only when asked, so runs without it keep their random stream
+        at_one = _rand((b,), generator, device) < cfg.t_one
+        t, s = torch.where(at_one, 1.0, t), torch.where(at_one, 1.0, s)
 
     if cfg.mode == "flow":
         use_s = torch.zeros_like(use_s)
@@ -228,8 +278,8 @@ def compute_loss(
     else:
         pred = model(x_t, t_tok, actions, prev)
     t_pix = expand_t(t_tok, frames.shape, mcfg.patch).to(frames)
-    v_pred = to_velocity(pred, x_t, t_pix, mcfg.prediction, mcfg.t_min)
-    flow_loss = (v_pred - (eps - frames))[:, history:].float().pow(2).mean()
+    err = flow_error(pred, x_t, frames, eps, t_pix, prev, cfg, mcfg.prediction, mcfg.t_min)
+    flow_loss = err[:, history:].mean()
     loss = flow_loss
     metrics = {
         "flow_loss": flow_loss.detach(),

@@ -1,6 +1,6 @@
 """State probe: a small conv net that reads the physics state off a single frame.
 
-Trained on REAL simulator frames only (design card, section 6). Its error on held-out real frames is
+Trained on REAL simulator frames only (docs/evaluation.md). Its error on held-out real frames is
 the floor; the same probe applied to imagined frames gives the world model's state error, which is
 reported per horizon relative to that floor. Targets are standardised for training; the mean and
 std live in buffers, so the probe's outputs (and checkpoints of it) are in physical units.

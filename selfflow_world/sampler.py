@@ -70,6 +70,16 @@ def sample_next(
     return x.clamp(-1.0, 1.0)
 
 
+def renoise(frame: Tensor, level: float, generator: torch.Generator | None = None) -> Tensor:
+    """``(1 - level) * frame + level * eps`` (``eps`` standard normal from ``generator``); the frame
+    itself at level 0, with no draw."""
+    if level == 0:
+        return frame
+    gen_device = generator.device if generator is not None else frame.device
+    eps = torch.randn(frame.shape, generator=generator, device=gen_device).to(frame)
+    return (1 - level) * frame + level * eps
+
+
 @torch.no_grad()
 def rollout(
     model: WorldDiT,
@@ -91,7 +101,9 @@ def rollout(
             zeros).
         actions: ``(B, T, A)``; ``actions[:, j]`` produces imagined frame ``j`` from the frame before.
         window: history frames kept in the KV cache (default ``max_frames - 1``).
-        history_level: noise level at which generated frames enter the history (stabilisation).
+        history_level: generated frames enter the history re-noised to this level,
+            ``(1 - l) * frame + l * eps`` with fresh noise from ``generator``, and labelled with it,
+            as training's ``history_noise`` presents history frames (drift stabilisation; 0: clean).
 
     Returns the imagined frames ``(B, T, C, h, w)`` in [-1, 1].
     """
@@ -103,5 +115,5 @@ def rollout(
         frame = sample_next(model, cache, actions[:, j], steps=steps, method=method, generator=generator)
         out.append(frame)
         if j + 1 < horizon:  # nothing attends to the last frame
-            model.append(cache, frame, actions[:, j], t=history_level)
+            model.append(cache, renoise(frame, history_level, generator), actions[:, j], t=history_level)
     return torch.stack(out, dim=1)

@@ -11,9 +11,11 @@ What makes a run trustworthy over a week of GPU time:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -35,7 +37,7 @@ from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
 from selfflow_world.episodes import manifest_fingerprint
 from selfflow_world.errors import UserError
 from selfflow_world.logger import Logger
-from selfflow_world.model import ModelConfig, WorldDiT, count_parameters, model_config
+from selfflow_world.model import DATA_FIELDS, ModelConfig, WorldDiT, count_parameters, model_config
 from selfflow_world.objective import (
     ObjectiveConfig,
     Projector,
@@ -52,25 +54,25 @@ class TrainingError(UserError):
     """Training cannot go on (e.g. a non-finite loss); the message says why and what was kept."""
 
 
-@dataclass
-class ModelChoice:
-    """A size preset plus optional overrides (None keeps the preset's value)."""
-
-    preset: str = "small"
-    patch: Optional[int] = None  # noqa: UP045 - OmegaConf needs Optional
-    width: Optional[int] = None  # noqa: UP045
-    depth: Optional[int] = None  # noqa: UP045
-    heads: Optional[int] = None  # noqa: UP045
-    mlp_ratio: Optional[float] = None  # noqa: UP045
-    prediction: Optional[str] = None  # noqa: UP045
-    prev_frame_path: Optional[bool] = None  # noqa: UP045
-    action_input_path: Optional[bool] = None  # noqa: UP045
-    residual: Optional[bool] = None  # noqa: UP045
-    mlp_act: Optional[str] = None  # noqa: UP045
+def _model_choice() -> type:
+    """``sfw train``'s ``model`` group: a size preset plus any :class:`ModelConfig` field as an
+    optional override (None keeps the preset's or ModelConfig's value). Made from ModelConfig's
+    fields, so a new model setting is a command-line override (``model.<field>=...``) with no
+    other change; the fields that come from the data are left out."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields: list[tuple[str, Any, Any]] = [("preset", str, "small")]
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in DATA_FIELDS:
+            fields.append((f.name, Optional[hints[f.name]], None))  # noqa: UP045 - OmegaConf needs Optional
 
     def build(self, **from_data: Any) -> ModelConfig:
         overrides = {k: v for k, v in asdict(self).items() if k != "preset" and v is not None}
         return model_config(self.preset, **overrides, **from_data)
+
+    return dataclasses.make_dataclass("ModelChoice", fields, namespace={"build": build})
+
+
+ModelChoice = _model_choice()
 
 
 @dataclass
@@ -188,10 +190,7 @@ def _check_data_matches(model_cfg: dict[str, Any], image: int, action_dim: int, 
 def _resumed_model_config(saved: dict[str, Any], asked: ModelConfig, ckpt: Path) -> ModelConfig:
     """The checkpoint's architecture. Settings that it predates keep their former defaults (e.g.
     ``mlp_act``); any saved setting that this run's config changes is an error naming them."""
-    try:
-        resumed = ModelConfig(**saved)
-    except TypeError as err:
-        raise UserError(f"checkpoint {ckpt} has a model config this version cannot read ({err})") from err
+    resumed = ModelConfig.from_saved(saved, ckpt)
     changed = [
         f"{key}: checkpoint {value!r}, this run {getattr(asked, key)!r}"
         for key, value in asdict(resumed).items()
@@ -411,6 +410,7 @@ class Trainer:
                 + (f"; resumed at step {self.step}" if self.step else "")
             )
         last: dict[str, float] = {}
+        latest_val: dict[str, float] = {}
         tick, tick_step = time.perf_counter(), self.step
         try:
             for raw in self._loader():
@@ -421,15 +421,20 @@ class Trainer:
                     speed = (step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, step
                     row.update(last)
-                    logger.progress(step, {"loss": last["loss"], "it/s": speed})
+                    shown = {"loss": last["loss"], "it/s": speed}
+                    if "val_action_sensitivity" in latest_val:  # shown from the first validation on
+                        shown["act"] = latest_val["val_action_sensitivity"]
+                    logger.progress(step, shown)
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     if self.dist.main and self.val_set is not None and len(self.val_set):
                         val = self.validate()
                         row.update(val)
                         last.update(val)
+                        latest_val = val
                         logger.message(
                             f"step {step}: val_flow_loss {val['val_flow_loss']:.4f}, 1-step PSNR "
-                            f"{val['val_psnr']:.2f} dB (copy last frame {val['val_psnr_copy_last']:.2f} dB)"
+                            f"{val['val_psnr']:.2f} dB (copy last frame {val['val_psnr_copy_last']:.2f} dB), "
+                            f"action sensitivity {val['val_action_sensitivity']:.3f}"
                         )
                     self._barrier()
                 if row:
@@ -451,14 +456,20 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation flow loss (fixed noise), and 1-step PSNR of sampled frames vs copying the last."""
+        from selfflow_world.action_following import action_sensitivity
         from selfflow_world.sampler import sample_next
         from selfflow_world.video import psnr
 
         model = self.ema.eval()
         flow_cfg = ObjectiveConfig(**{**asdict(self.cfg.objective), "mode": "flow"})
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 99)
-        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False)
-        losses, psnrs, copies = [], [], []
+        # the same clips every round, drawn from all validation episodes (in order they would be
+        # neighbouring steps of the first few episodes)
+        order = torch.utils.data.RandomSampler(
+            self.val_set, generator=torch.Generator().manual_seed(self.cfg.seed)
+        )
+        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, sampler=order)
+        losses, psnrs, copies, changes, truths = [], [], [], [], []
         for i, raw in enumerate(loader):
             if i >= self.cfg.val_batches:
                 break
@@ -470,13 +481,22 @@ class Trainer:
                 cache = model.init_cache(frames.shape[0])
                 model.append(cache, frames[:, :hist], actions[:, :hist])
                 pred = sample_next(model, cache, actions[:, hist], steps=self.cfg.sample_steps, generator=gen)
+                noise = torch.randn(frames[:, hist].shape, generator=gen, device=gen.device).to(self.device)
+                other = torch.rand(actions[:, hist].shape, generator=gen, device=gen.device) * 2 - 1
+                sens = action_sensitivity(model, frames, actions, hist, noise, other.to(self.device))
             losses.append(float(metrics["flow_loss"]))
             psnrs.append(psnr(pred, frames[:, hist]))
             copies.append(psnr(frames[:, hist - 1], frames[:, hist]))
+            changes.append(sens["mean_abs_change"])
+            truths.append(sens["true_frame_change"])
+        truth = float(np.mean(truths)) if truths else float("nan")
         return {
             "val_flow_loss": float(np.mean(losses)),
             "val_psnr": float(torch.cat(psnrs).mean()),
             "val_psnr_copy_last": float(torch.cat(copies).mean()),
+            # one-step prediction under a uniformly random action vs the recorded one, over the
+            # true frame change: ~0 when the model ignores its actions (action_following.py)
+            "val_action_sensitivity": float(np.mean(changes)) / truth if truth > 0 else float("nan"),
         }
 
     @torch.no_grad()

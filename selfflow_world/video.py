@@ -1,4 +1,5 @@
-"""Side-by-side videos (real | imagined | absolute error) as GIF and MP4."""
+"""Side-by-side videos (real | imagined | absolute error; one start under several action sequences)
+as GIF and MP4."""
 
 from __future__ import annotations
 
@@ -31,6 +32,28 @@ def side_by_side(real: np.ndarray, imagined: np.ndarray, scale: int = 2) -> np.n
     gap = np.full((*real.shape[:2], 1, 3), 255, np.uint8)
     frames = np.concatenate([real, gap, imagined, gap, error], axis=2)
     return frames.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def label(frames: np.ndarray, text: str, height: int = 12) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)`` with a white strip of ``height`` pixels on top carrying ``text``."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (frames.shape[2], height), (255, 255, 255))
+    ImageDraw.Draw(strip).text((2, 0), text, fill=(0, 0, 0))
+    top = np.broadcast_to(np.asarray(strip, np.uint8), (frames.shape[0], height, frames.shape[2], 3))
+    return np.concatenate([top, frames], axis=1)
+
+
+def action_grid(rows: list[tuple[str, np.ndarray, np.ndarray]], scale: int = 2) -> np.ndarray:
+    """One start under several action sequences: per row ``(name, simulator, model)`` uint8
+    ``(T, H, W, 3)`` frames, drawn as ``simulator | model`` side by side, rows stacked, each row
+    and column labelled. Returns uint8 ``(T, H', W', 3)``."""
+    gap = np.full((*rows[0][1].shape[:2], 1, 3), 255, np.uint8)
+    panels = []
+    for name, sim, model in rows:
+        pair = np.concatenate([sim, gap, model], axis=2).repeat(scale, axis=1).repeat(scale, axis=2)
+        panels.append(label(pair, f"{name}: simulator | model"))
+    return np.concatenate(panels, axis=1)
 
 
 def write_video(path: Path, frames: np.ndarray, fps: int = 8) -> list[Path]:

@@ -91,7 +91,7 @@ class WorldModel:
         meta = read_meta(ckpt)
         if "model_config" not in meta or "action_low" not in meta:
             raise UserError(f"{ckpt} is not a selfflow-world checkpoint (meta.json lacks model_config)")
-        model = WorldDiT(ModelConfig(**meta["model_config"]))
+        model = WorldDiT(ModelConfig.from_saved(meta["model_config"], ckpt))
         load_weights(ckpt, weights, model)
         return cls(model.to(device), meta, device, bf16, compile)
 

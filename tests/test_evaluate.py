@@ -25,6 +25,8 @@ REPORT_KEYS = {
     "psnr_gain_over_copy_last",
     "controllability",
     "replay",
+    "counterfactual",
+    "history_use",
     "state_probe",
     "representation_r2",
     "plots",
@@ -42,6 +44,8 @@ def test_per_frame_actions_alignment():
 @pytest.mark.parametrize("compile", ["false", "true"])
 def test_imagine_writes_side_by_side_videos(tiny_run, tiny_dataset, tmp_path, compile, monkeypatch):
     # compile=true must reach the model; compiled rollouts themselves are tested in test_world_model
+    import imageio.v3 as iio
+
     compiled = []
     monkeypatch.setattr(WorldDiT, "compile_rollouts", lambda self, freeze=False: compiled.append(freeze))
     out = tmp_path / "img"
@@ -61,10 +65,11 @@ def test_imagine_writes_side_by_side_videos(tiny_run, tiny_dataset, tmp_path, co
         == 0
     )
     assert compiled == ([True] if compile == "true" else [])  # frozen graphs on CPU
-    gifs, mp4s = sorted(out.glob("*.gif")), sorted(out.glob("*.mp4"))
+    gifs, mp4s = sorted(out.glob("ep_*.gif")), sorted(out.glob("ep_*.mp4"))
     assert len(gifs) == 2 and len(mp4s) == 2
-    import imageio.v3 as iio
-
+    # one start under the recorded and three alternative action sequences: four labelled rows
+    grid = iio.imread(out / "actions.gif")
+    assert grid.shape[0] == 4 and grid.shape[1] == 4 * (12 + 2 * 16)
     frames = iio.imread(gifs[0])
     assert frames.shape[0] == 4 and frames.shape[2] > 3 * frames.shape[1] - 10  # three panels side by side
 
@@ -85,6 +90,7 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     )
     report = run_eval(cfg)
     saved = json.loads((out / "report.json").read_text())
+    md = (out / "report.md").read_text()
     assert REPORT_KEYS <= set(saved)
     assert set(saved["psnr"]) == {"model", "copy_last", "untrained"}
     assert len(saved["psnr"]["model"]["per_horizon"]["mean"]) == report["horizon"] == 4
@@ -93,6 +99,19 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     assert set(saved["representation_r2"]["model"]) == {"1", "2"}
     c = saved["controllability"]
     assert c["gap"] == pytest.approx(c["error_shuffled"] - c["error_true"], abs=1e-9)
+    cf = saved["counterfactual"]
+    assert cf["alternatives"] == ["other_episode", "uniform", "zero"]
+    for name in cf["alternatives"]:
+        row = cf["per_alternative"][name]
+        assert len(row["following_ratio"]["per_horizon"]["mean"]) == 4
+        assert len(row["psnr_vs_simulator"]["per_horizon"]["mean"]) == 4
+        assert len(row["state_error_relative_to_floor_per_horizon"]) == 4
+        assert all(c > 0 for c in row["following_ratio"]["simulator_change_per_horizon"])
+    assert len(cf["following_ratio"]["per_horizon"]["low"]) == 4
+    assert "action_following_vs_horizon.png" in saved["plots"]
+    assert "Following actions" in md and "action-following ratio" in saved["summary_text"]
+    # copy-last scores 0 on motion use by construction; the figure is finite with a 2-frame context
+    assert saved["history_use"]["true_frame_change"] > 0
     for plot in saved["plots"]:
         assert (out / plot).stat().st_size > 1000
     md = (out / "report.md").read_text()

@@ -246,3 +246,51 @@ def test_compiled_teacher_follows_the_ema_weights(tiny_dataset, tmp_path):
     assert torch.allclose(compiled, eager, atol=1e-4)
     assert torch.allclose(compiled_after, eager_after, atol=1e-4)
     assert not torch.allclose(eager, eager_after, atol=1e-4)
+
+
+def test_checkpoint_from_before_the_conditioning_module_loads_with_its_saved_settings(tiny_dataset, tmp_path):
+    """A checkpoint written before ``action_embedding`` existed: weights named ``time_embed.*`` /
+    ``action_embed.*``, and no ``action_embedding`` in its config. It loads as the linear action
+    embedding it was built with, and resumes."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from selfflow_world.world_model import WorldModel
+
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5", "model.action_embedding=linear")
+    ckpt = resolve_checkpoint(out)
+    before = WorldModel.load(out, bf16=False)
+    tensors = load_file(str(ckpt / "weights.safetensors"))
+    save_file(
+        {k.replace(".conditioning.", "."): v for k, v in tensors.items()}, str(ckpt / "weights.safetensors")
+    )
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["model_config"]["action_embedding"]
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    after = WorldModel.load(out, bf16=False)
+    assert after.config.action_embedding == "linear"
+    for p, q in zip(before.model.parameters(), after.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    trainer = Trainer(make_cfg(tiny_dataset, out, "steps=6", "resume=true"))  # today's default: fourier
+    assert trainer.model_cfg.action_embedding == "linear"
+    trainer.fit()
+
+
+def test_tampered_training_state_is_refused_in_one_line(tiny_dataset, tmp_path):
+    import pickle
+
+    out = tmp_path / "run"
+    train(tiny_dataset, out, "steps=5")
+    state = resolve_checkpoint(out) / "train_state.pt"
+
+    class Payload:  # what a tampered file could carry: an object that runs code when unpickled
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"optimizer": Payload()}, state, pickle_module=pickle)
+    with pytest.raises(UserError) as err:
+        train(tiny_dataset, out, "steps=6", "resume=true")
+    message = str(err.value)
+    assert str(state) in message and "\n" not in message and "weights_only" not in message
