@@ -50,17 +50,25 @@ def action_sensitivity(
         other: the alternative actions ``(B, A)`` (normalised), e.g. uniform in [-1, 1] or another
             episode's.
 
-    Returns ``mean_abs_change``, ``true_frame_change`` and their ``ratio`` (NaN for a still scene).
+    Returns ``mean_abs_change``, ``true_frame_change`` and their ``ratio`` (NaN for a still scene),
+    and the correctness-aware ``gap``: how much worse the prediction under the alternative action
+    matches the recorded frame than the one under the recorded action, MSE difference over the
+    copy-last MSE (``mse_alternative - mse_recorded``, ``mse_copy_last``). A model that reacts to
+    actions but not the way the simulator does has a high ``ratio`` and a ``gap`` near 0.
     """
     context, context_actions = frames[:, :history], actions[:, :history]
     own = one_step_prediction(model, context, context_actions, actions[:, history], noise)
     alt = one_step_prediction(model, context, context_actions, other.to(actions), noise)
+    target, last = frames[:, history].float(), frames[:, history - 1].float()
     change = float((own - alt).abs().mean())
-    truth = float((frames[:, history] - frames[:, history - 1]).abs().mean())
+    truth = float((target - last).abs().mean())
     return {
         "mean_abs_change": change,
         "true_frame_change": truth,
         "ratio": change / truth if truth > 0 else float("nan"),
+        "mse_recorded": float((own - target).pow(2).mean()),
+        "mse_alternative": float((alt - target).pow(2).mean()),
+        "mse_copy_last": float((last - target).pow(2).mean()),
     }
 
 

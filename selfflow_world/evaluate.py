@@ -37,6 +37,8 @@ from selfflow_world.video import to_float
 class EvalConfig(RolloutSettings):
     """Settings of ``sfw eval`` (documented in configs/eval.yaml)."""
 
+    split: str = "val"
+    probe_data: str = ""  # dataset whose real frames train the state probe ("": data)
     replay: bool = True
     probe_frames: int = 4000
     probe_epochs: int = 15
@@ -208,6 +210,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     from selfflow_world.world_model import WorldModel
 
     cfg.check("eval", positive=("probe_frames", "probe_epochs"))
+    if cfg.split not in ("train", "val", "all"):
+        raise UserError(f"split must be train, val or all, got {cfg.split!r}")
     if not 0 < cfg.level < 1:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
     wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
@@ -216,9 +220,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     hist = wm.history
     # one rollout per validation episode; short splits take several segments per episode, and a
     # split with fewer than 2 rollouts falls back to all episodes (recorded in the report)
-    seg = load_segments(wm, cfg.data, "val", cfg.episodes, hist, cfg.horizon, per_episode=1, min_rows=2)
+    seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, hist, cfg.horizon, per_episode=1, min_rows=2)
     if len(seg.infos) < 2:
-        seg = load_segments(wm, cfg.data, "val", cfg.episodes, hist, cfg.horizon, per_episode=8, min_rows=2)
+        seg = load_segments(
+            wm, cfg.data, cfg.split, cfg.episodes, hist, cfg.horizon, per_episode=8, min_rows=2
+        )
     if len(seg.infos) < 2:
         raise UserError(
             f"eval needs at least 2 rollouts of {hist}+1 frames in {cfg.data}, found {len(seg.infos)}"
@@ -312,7 +318,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         val_fraction=wm.meta["config"].get("val_fraction", 0.1),
         split_seed=wm.meta["config"].get("seed", 0),
     )
-    train_set, val_set = ClipDataset(cfg.data, spec, "train"), ClipDataset(cfg.data, spec, "val")
+    probe_root = cfg.probe_data or cfg.data
+    train_set, val_set = ClipDataset(probe_root, spec, "train"), ClipDataset(probe_root, spec, "val")
     tr_frames, tr_states = _probe_data(train_set, cfg.probe_frames, state_map, rng)
     va_frames, va_states = _probe_data(val_set, cfg.probe_frames, state_map, rng)
     probe, probe_metrics = fit_probe(

@@ -52,8 +52,8 @@ class ObjectiveConfig:
     # what the flow loss averages over target pixels (see flow_error):
     # "velocity": |v_hat - v|^2, which for x-prediction is |x_hat - x|^2 / max(t, t_min)^2;
     # "x": the clean-frame error |x_hat - x|^2, the same weight at every noise level
-    weighting: str = "velocity"
-    t_one: float = 0.0  # share of examples whose target frames sit at t = 1 (pure noise; DTS's s too)
+    weighting: str = "x"
+    t_one: float = 0.25  # share of examples whose target frames sit at t = 1 (pure noise; DTS's s too)
     motion_weight: float = 0.0  # pixels whose value changed from the previous frame weigh 1 + this
     student_layer: int | None = None  # l, 1-based; None: round(0.3 * depth)
     teacher_layer: int | None = None  # k, 1-based; None: round(0.7 * depth)

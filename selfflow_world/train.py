@@ -331,6 +331,8 @@ class Trainer:
             "action_low": self.train_set.manifest["action_low"],
             "action_high": self.train_set.manifest["action_high"],
             "env": self.train_set.manifest["env"],
+            # how the frames were rendered, so fresh episodes can be collected to match (sfw demo)
+            "render": {k: self.train_set.manifest[k] for k in ("size", "camera", "action_repeat")},
             "metrics": metrics or {},
             "library_version": __version__,
         }
@@ -434,7 +436,8 @@ class Trainer:
                         logger.message(
                             f"step {step}: val_flow_loss {val['val_flow_loss']:.4f}, 1-step PSNR "
                             f"{val['val_psnr']:.2f} dB (copy last frame {val['val_psnr_copy_last']:.2f} dB), "
-                            f"action sensitivity {val['val_action_sensitivity']:.3f}"
+                            f"action sensitivity {val['val_action_sensitivity']:.3f}, action gap "
+                            f"{val['val_action_gap']:.3f}"
                         )
                     self._barrier()
                 if row:
@@ -469,7 +472,7 @@ class Trainer:
             self.val_set, generator=torch.Generator().manual_seed(self.cfg.seed)
         )
         loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, sampler=order)
-        losses, psnrs, copies, changes, truths = [], [], [], [], []
+        losses, psnrs, copies, changes, truths, gaps, copy_mse = [], [], [], [], [], [], []
         for i, raw in enumerate(loader):
             if i >= self.cfg.val_batches:
                 break
@@ -489,6 +492,8 @@ class Trainer:
             copies.append(psnr(frames[:, hist - 1], frames[:, hist]))
             changes.append(sens["mean_abs_change"])
             truths.append(sens["true_frame_change"])
+            gaps.append(sens["mse_alternative"] - sens["mse_recorded"])
+            copy_mse.append(sens["mse_copy_last"])
         truth = float(np.mean(truths)) if truths else float("nan")
         return {
             "val_flow_loss": float(np.mean(losses)),
@@ -497,6 +502,11 @@ class Trainer:
             # one-step prediction under a uniformly random action vs the recorded one, over the
             # true frame change: ~0 when the model ignores its actions (action_following.py)
             "val_action_sensitivity": float(np.mean(changes)) / truth if truth > 0 else float("nan"),
+            # correctness-aware: how much worse the random action's prediction matches the recorded
+            # frame, over the copy-last MSE (0 when actions are ignored or followed wrongly)
+            "val_action_gap": float(np.mean(gaps)) / float(np.mean(copy_mse))
+            if np.mean(copy_mse) > 0
+            else float("nan"),
         }
 
     @torch.no_grad()

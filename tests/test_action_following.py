@@ -30,7 +30,7 @@ def test_flow_error_weightings_on_known_inputs():
     t = torch.full((1, 1, 1, 4, 4), 0.5)
     x_t = 0.5 * frames + 0.5 * eps
     pred = torch.full_like(frames, 0.2)  # x-prediction off by 0.2 everywhere
-    velocity = flow_error(pred, x_t, frames, eps, t, prev, ObjectiveConfig(), "x", 0.05)
+    velocity = flow_error(pred, x_t, frames, eps, t, prev, ObjectiveConfig(weighting="velocity"), "x", 0.05)
     x_only = flow_error(pred, x_t, frames, eps, t, prev, ObjectiveConfig(weighting="x"), "x", 0.05)
     # velocity space: (x_t - x_hat) / t - (eps - x) = (0.5 - 0.2) / 0.5 - 1 = -0.4
     assert torch.allclose(velocity, torch.full_like(velocity, 0.16))
@@ -46,6 +46,11 @@ def test_flow_error_weightings_on_known_inputs():
     plain = flow_error(pred, x_t, moved, eps, t, prev, ObjectiveConfig(weighting="x"), "x", 0.05)
     assert torch.allclose(weighted[..., 0, 0], 4 * plain[..., 0, 0])
     assert torch.allclose(weighted[..., 1:, :], plain[..., 1:, :])
+
+
+def test_default_objective_is_the_measured_choice():
+    cfg = ObjectiveConfig()
+    assert (cfg.weighting, cfg.t_one, cfg.time_dist, cfg.shift) == ("x", 0.25, "uniform", 1.0)
 
 
 def test_t_one_puts_that_share_of_examples_at_pure_noise():

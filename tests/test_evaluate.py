@@ -133,6 +133,7 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     [
         (["horizon=0"], "horizon must be a positive"),
         (["ckpt=/nonexistent"], "no checkpoint"),
+        (["split=bogus"], "split must be train, val or all"),
     ],
 )
 def test_eval_bad_input(tiny_run, tiny_dataset, tmp_path, capsys, args, match):

@@ -143,8 +143,11 @@ def test_selfflow_without_mask_and_weight_equals_flow_for_one_seed():
     flow, _ = loss_of(ObjectiveConfig(mode="flow"))
     selfflow, metrics = loss_of(ObjectiveConfig(mode="selfflow", mask_ratio=0.0, gamma=0.0))
     assert torch.equal(flow, selfflow) and metrics["rep_loss"] > 0
-    dts, _ = loss_of(ObjectiveConfig(mode="dts", mask_ratio=0.5))
-    assert not torch.equal(flow, dts)
+    # a fresh residual model copies the previous frame whatever the noise, so only a weighting that
+    # depends on the noise level (velocity) tells the two timesteps apart here
+    velocity_flow, _ = loss_of(ObjectiveConfig(mode="flow", weighting="velocity"))
+    dts, _ = loss_of(ObjectiveConfig(mode="dts", mask_ratio=0.5, weighting="velocity"))
+    assert not torch.equal(velocity_flow, dts)
 
 
 def test_same_seed_same_loss():
@@ -222,9 +225,8 @@ def test_flow_loss_is_velocity_mse_on_target_frames_only(prediction):
     cfg = model_config("tiny", action_dim=A, max_frames=T, prediction=prediction, residual=False)
     model = Recorder(WorldDiT(cfg))  # fresh: predicts exactly zero
     batch = tiny_batch()
-    loss, _ = compute_loss(
-        model, batch, ObjectiveConfig(mode="dts"), torch.Generator().manual_seed(0), history=HISTORY
-    )
+    velocity = ObjectiveConfig(mode="dts", weighting="velocity", t_one=0.0)
+    loss, _ = compute_loss(model, batch, velocity, torch.Generator().manual_seed(0), history=HISTORY)
     ((x_t, t, _),) = model.calls
     frames, t_pix = batch["frames"], expand_t(t, batch["frames"].shape, patch=4)
     v_true = ((x_t - frames) / t_pix)[:, HISTORY:]  # eps - x on target frames
@@ -243,10 +245,19 @@ def test_flow_loss_is_velocity_mse_on_target_frames_only(prediction):
             return torch.cat([out[:, :HISTORY] + 100.0, out[:, HISTORY:]], dim=1)
 
     wrong, _ = compute_loss(
-        WrongOnHistory(),
+        WrongOnHistory(), batch, velocity, torch.Generator().manual_seed(0), history=HISTORY
+    )
+    assert torch.equal(wrong, loss)
+    # the clean-frame weighting: the same model's loss is the x error on target frames only
+    model.calls.clear()
+    x_loss, _ = compute_loss(
+        model,
         batch,
-        ObjectiveConfig(mode="dts"),
+        ObjectiveConfig(mode="dts", weighting="x"),
         torch.Generator().manual_seed(0),
         history=HISTORY,
     )
-    assert torch.equal(wrong, loss)
+    ((x_t, t, _),) = model.calls
+    t_pix = expand_t(t, batch["frames"].shape, patch=4)
+    x_hat = torch.zeros_like(frames) if prediction == "x" else x_t  # v-prediction of 0: x_t - t * 0
+    assert torch.allclose(x_loss, (x_hat - frames)[:, HISTORY:].pow(2).mean(), rtol=1e-4)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Reproduce a default world model end to end: collect training and held-out data, train, evaluate.
+#
+#   bash bench/train_default.sh reacher-easy [STEPS]     # dmc/reacher-easy
+#   bash bench/train_default.sh cartpole-swingup [STEPS] # dmc/cartpole-swingup
+#
+# Every stage continues where it stopped when the script is run again (collection continues up to
+# the episode count, training with resume=true), so an interrupted run is resumed by rerunning the
+# same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
+# episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/), runs/<name>/eval_test (the report
+# on the held-out episodes). Environment: SFW (default .venv/bin/sfw), WORKERS (collection
+# processes, default 2), OBJECTIVE (default selfflow), BATCH (default 16), EVAL_STEPS (sampler
+# steps per imagined frame in the evaluation, default 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MUJOCO_GL="${MUJOCO_GL:-egl}"
+NAME="${1:?usage: bench/train_default.sh reacher-easy|cartpole-swingup [STEPS]}"
+STEPS="${2:-5000}"
+SFW="${SFW:-.venv/bin/sfw}"
+WORKERS="${WORKERS:-2}"
+OBJECTIVE="${OBJECTIVE:-selfflow}"
+BATCH="${BATCH:-16}"
+
+$SFW collect env="dmc/$NAME" episodes=200 steps=100 seed=0 workers="$WORKERS" out="data/$NAME"
+$SFW collect env="dmc/$NAME" episodes=20 steps=100 seed=1 workers="$WORKERS" out="data/${NAME}_test"
+$SFW train data="data/$NAME" out="runs/$NAME" model=small objective="$OBJECTIVE" steps="$STEPS" \
+    batch_size="$BATCH" resume=true val_every=500 ckpt_every=250 sample_every=2500
+$SFW eval ckpt="runs/$NAME" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
+    out="runs/$NAME/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
