@@ -82,7 +82,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # the fused kernel (statistics in float32); the output keeps the input's dtype, so bf16
-        # queries and keys stay bf16 under autocast (2.3x faster than the composed ops on CPU)
+        # queries and keys stay bf16 under autocast (faster than the composed ops on CPU, BENCHMARKS.md)
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
@@ -122,10 +122,10 @@ class Attention(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     """Softmax attention ``(B, h, Nq, d)`` over ``(B, h, Nk, d)`` keys/values (mask: True = attend).
 
-    ``scaled_dot_product_attention`` everywhere, except bf16 inference on CPU, where two batched
-    matmuls around a softmax (which accumulates in float32 internally) measured 1.6x faster than its
-    flash kernel for rollout shapes (64 queries over 192 keys: 5.2 vs 8.4 ms at batch 64), with the
-    same error against a float32 reference (about 0.01, the rounding of the bf16 output).
+    ``scaled_dot_product_attention`` everywhere, except bf16 inference on CPU: there two batched
+    matmuls around a softmax (which accumulates in float32 internally) replace it, because at rollout
+    shapes (one frame's queries over a few frames of keys) they beat its CPU flash kernel with the same
+    error against a float32 reference, the rounding of the bf16 output (BENCHMARKS.md).
     """
     if q.device.type != "cpu" or q.dtype != torch.bfloat16 or torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

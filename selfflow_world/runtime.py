@@ -3,8 +3,8 @@
 glibc serves allocations above its mmap threshold (128 KiB at first) with fresh ``mmap`` pages and
 returns freed memory to the OS, so a training step that allocates and frees the same multi-MB
 activation tensors every iteration pays page faults for all of them again. Raising the mmap and
-trim thresholds keeps those pages in the heap for reuse. Measured on the `small` preset, batch 16,
-2 CPU cores (bench/bench_train.py, BENCHMARKS.md): flow 0.95 -> 0.89 s/step, selfflow 1.47 -> 1.18.
+trim thresholds keeps those pages in the heap for reuse, which makes CPU training steps cheaper
+(bench/bench_train.py, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -85,15 +85,17 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def casts_weights(device: torch.device) -> bool:
-    """Whether bf16 inference here casts the weights themselves (CPUs with native bf16: 2-8 % faster
-    than autocast and as close to float32, BENCHMARKS.md) instead of autocasting (CUDA)."""
+    """Whether bf16 inference here casts the weights themselves (CPUs with native bf16: no per-op
+    dtype conversions, so faster than autocast there and as close to float32, BENCHMARKS.md) instead
+    of autocasting (CUDA)."""
     return device.type == "cpu" and bf16_supported(device)
 
 
 def freezes_compiled(device: torch.device) -> bool:
     """Whether compiled inference here folds the weights into the graphs (``compile_rollouts(freeze=
-    True)``): on CPU, 1.1x faster than graphs with the weights as inputs (BENCHMARKS.md); not
-    measured on CUDA, which keeps the shared graphs."""
+    True)``): on CPU, so that oneDNN prepacks the bf16 weights and fuses bias and GELU into the
+    linears, which beats graphs with the weights as inputs (BENCHMARKS.md); not measured on CUDA,
+    which keeps the shared graphs."""
     return device.type == "cpu"
 
 

@@ -76,9 +76,9 @@ class WorldModel:
         cast to bf16 on CPUs with AVX512-BF16 or AMX; ``False`` keeps float32 everywhere.
         ``compile``: ``torch.compile`` the per-frame work of rollouts
         (:meth:`~selfflow_world.model.WorldDiT.compile_rollouts`, on CPU with the weights frozen
-        into the graphs): the first rollout of each new shape compiles (tens of seconds on a small
-        CPU), later ones run faster (BENCHMARKS.md); worth it for long evaluations and planning,
-        not for a few rollouts.
+        into the graphs): the first rollout of each new shape compiles first, which is slow, and
+        later ones run faster (BENCHMARKS.md); worth it for many rollouts of one shape (planning,
+        long evaluations), not for a few rollouts.
         """
         if weights not in ("ema", "model"):
             raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
