@@ -27,3 +27,7 @@ $SFW train data="data/$NAME" out="runs/$NAME" model=small objective="$OBJECTIVE"
     batch_size="$BATCH" resume=true val_every=500 ckpt_every=250 sample_every=2500
 $SFW eval ckpt="runs/$NAME" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
     out="runs/$NAME/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
+# the shipped-model directory (bf16 EMA weights, meta.json, MODEL_CARD.md with the figures above);
+# copy it to selfflow_world/models/$NAME when it measures better than the shipped one
+.venv/bin/python -m selfflow_world.pretrained "runs/$NAME" "runs/$NAME/shipped/$NAME" \
+    --report "runs/$NAME/eval_test/report.json" --hardware "${HARDWARE:-$(nproc) CPU cores, $(uname -m)}"

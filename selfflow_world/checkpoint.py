@@ -59,7 +59,12 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory (its newest) or a checkpoint directory."""
+    """A checkpoint directory from a run directory (its newest), a checkpoint directory, or the
+    name of a model shipped with the package (``reacher-easy``; :mod:`selfflow_world.pretrained`)."""
+    from selfflow_world import pretrained
+
+    if isinstance(path, str) and pretrained.looks_like_name(path):
+        return pretrained.model_dir(path)
     path = Path(path)
     if (path / "meta.json").is_file() and (path / "weights.safetensors").is_file():
         return path

@@ -7,6 +7,7 @@
     sfw train [key=value ...]                  train a world model (configs/train.yaml)
     sfw imagine [key=value ...]                real | imagined | error videos (configs/imagine.yaml)
     sfw eval [key=value ...]                   consistency report vs the simulator (configs/eval.yaml)
+    sfw demo [key=value ...]                   a shipped model next to the simulator (configs/demo.yaml)
 
 Bad input prints one line ``sfw: error: ...`` and exits with status 2.
 """
@@ -140,6 +141,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.demo import DemoConfig, run_demo
+
+    cfg = load_config("demo", args.overrides, DemoConfig)
+    print(run_demo(cfg)["summary"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfw", description="Self-Flow world models for MuJoCo robotics.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -154,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             "real | imagined | error videos (key=value overrides of configs/imagine.yaml)",
         ),
         ("eval", _cmd_eval, "temporal-consistency report (key=value overrides of configs/eval.yaml)"),
+        ("demo", _cmd_demo, "a shipped world model next to the simulator (overrides of configs/demo.yaml)"),
     ]:
         p = sub.add_parser(name, help=text)
         p.add_argument("overrides", nargs="*", metavar="key=value")

@@ -258,6 +258,7 @@ class Trainer:
         # loss randomness: one generator per rank, on the training device
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1009 + 17 + self.dist.rank)
         self.step = 0
+        self.wall_s = 0.0  # seconds spent in fit() over the whole run, resumes included
         if resume_from is not None:
             self._load(resume_from)
 
@@ -302,6 +303,7 @@ class Trainer:
         self.generator.set_state(gens[self.dist.rank] if self.dist.rank < len(gens) else gens[0])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(meta["step"])
+        self.wall_s = float(meta.get("metrics", {}).get("wall_s", 0.0))
         if meta.get("dataset_fingerprint") != self.fingerprint and self.dist.main:
             print(f"note: dataset {self.cfg.data} changed since {ckpt.name} was written", file=sys.stderr)
 
@@ -414,10 +416,13 @@ class Trainer:
         last: dict[str, float] = {}
         latest_val: dict[str, float] = {}
         tick, tick_step = time.perf_counter(), self.step
+        began, wall_before = time.perf_counter(), self.wall_s
         try:
             for raw in self._loader():
                 last = self.train_step(to_model_batch(raw, self.device))
                 step, row = self.step, {}
+                self.wall_s = wall_before + time.perf_counter() - began
+                last["wall_s"] = self.wall_s  # in metrics.csv and in each checkpoint's meta.json
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     now = time.perf_counter()
                     speed = (step - tick_step) / max(now - tick, 1e-9)

@@ -1,0 +1,74 @@
+"""Shipped models by name, their export, and the demo end to end (on a tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfflow_world import pretrained
+from selfflow_world.cli import main
+from selfflow_world.errors import UserError
+from selfflow_world.world_model import WorldModel
+
+
+@pytest.fixture
+def shipped(tiny_run, tmp_path, monkeypatch):
+    """``tiny_run`` exported as a shipped model named ``tiny-test`` in a private models dir."""
+    monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path / "models")
+    pretrained.export(tiny_run, tmp_path / "models" / "tiny-test", card="# tiny-test\n")
+    return "tiny-test"
+
+
+def test_export_writes_bf16_ema_weights_that_load_by_name(shipped, tiny_run):
+    from safetensors.torch import load_file
+
+    folder = pretrained.MODELS_DIR / shipped
+    tensors = load_file(str(folder / "weights.safetensors"))
+    assert tensors and all(k.startswith("ema.") for k in tensors)
+    assert all(v.dtype == torch.bfloat16 for v in tensors.values() if v.is_floating_point())
+    assert (folder / "MODEL_CARD.md").read_text().startswith("# tiny-test")
+    assert pretrained.available() == [shipped]
+    by_name, by_path = WorldModel.load(shipped, bf16=False), WorldModel.load(tiny_run, bf16=False)
+    assert by_name.config == by_path.config
+    for p, q in zip(by_name.model.parameters(), by_path.model.parameters(), strict=True):
+        assert torch.allclose(p.detach(), q.detach(), atol=1e-2 * max(1.0, float(q.detach().abs().max())))
+
+
+def test_unknown_name_says_what_is_shipped_and_how_to_make_it(shipped):
+    with pytest.raises(UserError, match=r"shipped: tiny-test.*bench/train_default.sh cartpole-swingup"):
+        WorldModel.load("cartpole-swingup")
+
+
+def test_demo_end_to_end_on_a_tiny_model(shipped, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = [
+        f"ckpt={shipped}",
+        f"out={out}",
+        "episodes=3",
+        "steps=12",
+        "horizon=4",
+        "probe_epochs=2",
+        "workers=1",
+    ]
+    assert main(["demo", *args]) == 0
+    printed = capsys.readouterr().out
+    assert "action-following ratio" in printed and str(out / "eval" / "report.md") in printed
+    assert len(list((out / "imagine").glob("ep_*.mp4"))) == 3
+    assert (out / "imagine" / "actions.mp4").stat().st_size > 1000
+    assert (out / "eval" / "action_following_vs_horizon.png").stat().st_size > 1000
+    assert "Following actions" in (out / "eval" / "report.md").read_text()
+    # a rerun continues: the collected episodes are kept, nothing is lost
+    assert main(["demo", *args]) == 0
+
+
+def test_demo_bad_input_is_refused(shipped, tmp_path, capsys):
+    base = [f"ckpt={shipped}", f"out={tmp_path / 'd'}"]
+    for extra, match in [
+        (["episodes=1"], "episodes must be at least 2"),
+        (["env=dmc/cartpole-swingup"], "trained on dmc/reacher-easy"),
+        (["steps=3", "horizon=4"], "raise steps or lower horizon"),
+    ]:
+        assert main(["demo", *base, *extra]) == 2
+        assert match in capsys.readouterr().err
+    assert main(["demo", "ckpt=no-such-model", f"out={tmp_path / 'd'}"]) == 2
+    assert "train_default.sh no-such-model" in capsys.readouterr().err
