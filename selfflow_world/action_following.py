@@ -83,7 +83,9 @@ def following_ratio(
     the ratio per horizon is ``mean_b d_model / mean_b d_sim`` (a ratio of means, stable where
     single rollouts barely move), and its interval comes from the paired per-rollout differences
     ``d_model - r * d_sim`` (the delta method for a ratio of means). ``overall`` averages over
-    horizons the same way.
+    horizons the same way. The ratio compares sizes only; ``effect_error_per_horizon`` says whether
+    the change is the right one: ``mean (change_model - change_sim)^2 / mean change_sim^2`` per
+    horizon (0 = the simulator's change exactly, 1 = no change, above 1 = a wrong change).
     """
 
     def per_pixel_change(a: Tensor, b: Tensor) -> Tensor:
@@ -102,6 +104,12 @@ def following_ratio(
         _, low, high = mean_ci(dm - r * ds, level)  # interval of mean(dm) - r mean(ds), around 0
         return r, r + low / denom, r + high / denom
 
+    # how wrong the change is, not only how large: squared error of the model's change against the
+    # simulator's, over the simulator's squared change (0 exact, 1 no change, > 1 a wrong change)
+    diff = (model_alt.float() - model_true.float()) - (sim_alt.float() - sim_true.float())
+    sim_sq = (sim_alt.float() - sim_true.float()).pow(2).reshape(*sim_alt.shape[:2], -1).mean(-1).mean(0)
+    diff_sq = diff.pow(2).reshape(*diff.shape[:2], -1).mean(-1).mean(0)
+    effect = (diff_sq / sim_sq.clamp(min=1e-12)).tolist()
     per_h = [ratio_ci(d_model[:, h], d_sim[:, h]) for h in range(d_model.shape[1])]
     mean, low, high = ratio_ci(d_model.mean(1), d_sim.mean(1))
     return {
@@ -111,6 +119,7 @@ def following_ratio(
             "high": [p[2] for p in per_h],
         },
         "overall": {"mean": mean, "low": low, "high": high},
+        "effect_error_per_horizon": effect,
         "model_change_per_horizon": d_model.mean(0).tolist(),
         "simulator_change_per_horizon": d_sim.mean(0).tolist(),
     }

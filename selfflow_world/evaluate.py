@@ -515,6 +515,11 @@ def summary_text(report: dict) -> str:
             "the simulator, 0 = ignores actions): "
             + ", ".join(f"@{h + 1} {_fmt({k: f[k][h] for k in ('mean', 'low', 'high')})}" for h in picks)
         )
+        e = report["counterfactual"]["following_ratio"]["effect_error_per_horizon"]
+        lines.append(
+            "  action effect error (0 = the simulator's change, 1 = none, > 1 = a wrong one): "
+            + ", ".join(f"@{h + 1} {e[h]:.2f}" for h in picks)
+        )
     s = report["state_probe"]
     lines.append(
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
@@ -586,13 +591,15 @@ def report_markdown(report: dict) -> str:
             "",
             "From each start the restored simulator and the model both run the recorded actions and each "
             "alternative. Action-following ratio = the model's frame change over the simulator's frame "
-            "change when the actions change (1 = reacts like the simulator, 0 = ignores its actions); "
+            "change when the actions change (1 = reacts as much as the simulator, 0 = ignores its "
+            "actions); effect error = squared error of the model's change against the simulator's, "
+            "over the simulator's squared change (0 = the right change, 1 = none, above 1 = a wrong one); "
             "PSNR and probed state error (over the probe floor) are against the simulator under the same "
             "alternative actions.",
             "",
-            f"| actions | following ratio {head} | PSNR vs simulator {head} | copy-last PSNR {head} | "
-            f"state err / floor {head} | copy-last {head} |",
-            "|---|---|---|---|---|---|",
+            f"| actions | following ratio {head} | effect error {head} | PSNR vs simulator {head} | "
+            f"copy-last PSNR {head} | state err / floor {head} | copy-last {head} |",
+            "|---|---|---|---|---|---|---|",
         ]
 
         def cells(values: list[float], digits: int = 2) -> str:
@@ -601,6 +608,7 @@ def report_markdown(report: dict) -> str:
         for name, row in cf["per_alternative"].items():
             lines.append(
                 f"| {name} | {cells(row['following_ratio']['per_horizon']['mean'])} | "
+                f"{cells(row['following_ratio']['effect_error_per_horizon'])} | "
                 f"{cells(row['psnr_vs_simulator']['per_horizon']['mean'])} | "
                 f"{cells(row['psnr_copy_last_vs_simulator']['per_horizon']['mean'])} | "
                 f"{cells(row['state_error_relative_to_floor_per_horizon'])} | "

@@ -151,6 +151,13 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str) -> str
                 )
                 + ".",
             ]
+            e = report["counterfactual"]["following_ratio"]["effect_error_per_horizon"]
+            lines.append("")
+            lines.append(
+                "Action effect error (0 = the simulator's change exactly, 1 = none, above 1 = a wrong one): "
+                + ", ".join(f"@{h} {e[h - 1]:.2f}" for h in picks)
+                + "."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -172,6 +172,13 @@ def test_following_ratio_is_one_for_the_simulator_and_zero_for_copy_last():
     assert all(m == 0 for m in none["per_horizon"]["mean"])
     half = following_ratio(sim_true, sim_true + 0.5 * (sim_alt - sim_true), sim_true, sim_alt)
     assert all(abs(m - 0.5) < 1e-6 for m in half["per_horizon"]["mean"])
+    # the effect error tells a right change from a wrong one of the same size
+    assert all(e < 1e-9 for e in same["effect_error_per_horizon"])
+    assert all(abs(e - 1) < 1e-6 for e in none["effect_error_per_horizon"])
+    assert all(abs(e - 0.25) < 1e-6 for e in half["effect_error_per_horizon"])
+    wrong = following_ratio(sim_true, sim_true - (sim_alt - sim_true), sim_true, sim_alt)
+    assert all(abs(m - 1) < 1e-6 for m in wrong["per_horizon"]["mean"])  # as large as the simulator's
+    assert all(abs(e - 4) < 1e-5 for e in wrong["effect_error_per_horizon"])  # but the opposite way
 
 
 # -- history_level re-noises generated frames -----------------------------------------------------
