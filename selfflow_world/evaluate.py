@@ -584,7 +584,7 @@ def report_markdown(report: dict) -> str:
     if "counterfactual" in report:
         cf = report["counterfactual"]
         picks = sorted({0, min(7, h - 1), h - 1})
-        head = " | ".join(f"@{k + 1}" for k in picks)
+        head = " / ".join(f"@{k + 1}" for k in picks)
         lines += [
             "",
             "## Following actions: the model against the simulator under alternative actions",

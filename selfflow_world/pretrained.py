@@ -175,8 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hardware", default=f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
     )
+    parser.add_argument(
+        "--train-minutes", type=float, help="training wall-clock, for runs whose checkpoints predate wall_s"
+    )
     args = parser.parse_args(argv)
     meta = read_meta(resolve_checkpoint(args.run))
+    if args.train_minutes is not None:
+        meta.setdefault("metrics", {})["wall_s"] = 60 * args.train_minutes
     report = json.loads(Path(args.report).read_text()) if args.report else None
     dest = export(args.run, args.dest, card=model_card(Path(args.dest).name, meta, report, args.hardware))
     size = (dest / "weights.safetensors").stat().st_size / 2**20
