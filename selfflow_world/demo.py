@@ -97,6 +97,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             split="all",
             probe_epochs=cfg.probe_epochs,
             probe_frames=cfg.episodes * (cfg.steps + 1),
+            # a linear probe fitted on a few short episodes says nothing about the features
+            representation=False,
         )
     )
     seconds = time.perf_counter() - began

@@ -44,6 +44,7 @@ class EvalConfig(RolloutSettings):
     probe_epochs: int = 15
     level: float = 0.95
     ridge: float = 1.0
+    representation: bool = True  # the linear probe of the physics state from the model's features
 
 
 def _curve(per_episode: torch.Tensor, level: float) -> dict[str, list[float]]:
@@ -395,14 +396,15 @@ def run_eval(cfg: EvalConfig) -> dict:
     # representation quality: linear probe of (qpos, qvel) from features at t = 0
     limit = min(cfg.probe_frames, 2000)
     rep = {}
-    for name, model in (("model", wm), ("untrained", untrained)):
+    for name, model in (("model", wm), ("untrained", untrained)) if cfg.representation else ():
         f_tr, y_tr = _clip_features(model, train_set, limit, state_map, np.random.default_rng(cfg.seed))
         f_va, y_va = _clip_features(model, val_set, limit, state_map, np.random.default_rng(cfg.seed + 1))
         rep[name] = {
             str(layer): linear_probe_r2(f_tr[layer], y_tr, f_va[layer], y_va, ridge=cfg.ridge)[1]
             for layer in f_tr
         }
-    report["representation_r2"] = rep
+    if rep:
+        report["representation_r2"] = rep
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -468,6 +470,8 @@ def write_plots(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "action_following_vs_horizon.png", dpi=120)
         plt.close(fig)
         files.append("action_following_vs_horizon.png")
+    if "representation_r2" not in report:
+        return files
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, per_layer in report["representation_r2"].items():
         ax.plot([int(k) for k in per_layer], list(per_layer.values()), label=name, marker="o")
@@ -525,11 +529,12 @@ def summary_text(report: dict) -> str:
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
         f"{s['model']['relative_to_floor_per_horizon'][0]:.2f}, {s['model']['relative_to_floor_per_horizon'][-1]:.2f}"
     )
-    best = max(report["representation_r2"]["model"].items(), key=lambda kv: kv[1])
-    lines.append(
-        f"  representation R^2 best block {best[0]}: {best[1]:.3f} "
-        f"(untrained {report['representation_r2']['untrained'][best[0]]:.3f})"
-    )
+    if "representation_r2" in report:
+        best = max(report["representation_r2"]["model"].items(), key=lambda kv: kv[1])
+        lines.append(
+            f"  representation R^2 best block {best[0]}: {best[1]:.3f} "
+            f"(untrained {report['representation_r2']['untrained'][best[0]]:.3f})"
+        )
     return "\n".join(lines)
 
 
@@ -623,14 +628,15 @@ def report_markdown(report: dict) -> str:
             )
             + ".",
         ]
-    rep = report["representation_r2"]
-    lines += [
-        "",
-        "Linear-probe R^2 of (qpos, qvel) from features at t = 0, per block:",
-        "",
-        "| block | " + " | ".join(rep["model"]) + " |",
-        "|---|" + "---|" * len(rep["model"]),
-    ]
+    rep = report.get("representation_r2", {})
+    if rep:
+        lines += [
+            "",
+            "Linear-probe R^2 of (qpos, qvel) from features at t = 0, per block:",
+            "",
+            "| block | " + " | ".join(rep["model"]) + " |",
+            "|---|" + "---|" * len(rep["model"]),
+        ]
     for name, per_layer in rep.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in per_layer.values()) + " |")
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report["plots"]), ""]
