@@ -270,6 +270,15 @@ def shift_plan(mean: Tensor, steps: int = 1, fill: float | Tensor | None = 0.0) 
 
 
 @torch.no_grad()
+def _search_start(generator, init_mean, low, high, horizon: int, action_dim: int, std_name: str, std):
+    """Checked bounds ``(A,)``, the starting mean ``(H, A)`` and std ``(H, A)`` of a search, on the
+    generator's device."""
+    device, dtype = _device_and_dtype(generator, init_mean)
+    low, high = _bounds(low, high, action_dim, device, dtype)
+    mean = _initial_mean(init_mean, horizon, action_dim, low, high)
+    return low, high, mean, _per_step(std_name, std, horizon, action_dim, device, dtype, positive=True)
+
+
 def cem(
     score: Score,
     horizon: int,
@@ -338,16 +347,15 @@ def cem(
         raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
     noise_beta = _nonnegative_number("noise_beta", noise_beta)
     min_std = _nonnegative_number("min_std", min_std)
-    device, dtype = _device_and_dtype(generator, init_mean)
-    low, high = _bounds(low, high, action_dim, device, dtype)
-    mean = _initial_mean(init_mean, horizon, action_dim, low, high)
-    std = _per_step("init_std", init_std, horizon, action_dim, device, dtype, positive=True)
+    low, high, mean, std = _search_start(
+        generator, init_mean, low, high, horizon, action_dim, "init_std", init_std
+    )
 
     best, best_score = mean.clone(), -math.inf
     kept: Tensor | None = None
     history: list[float] = []
     for _ in range(iterations):
-        noise = _noise((population, horizon, action_dim), noise_beta, generator, dtype)
+        noise = _noise((population, horizon, action_dim), noise_beta, generator, mean.dtype)
         samples = torch.minimum(torch.maximum(mean + std * noise, low), high)
         if kept is not None:
             samples[population - len(kept) :] = kept
@@ -416,15 +424,14 @@ def mppi(
     ):
         raise UserError(f"temperature must be a positive finite number, got {temperature!r}")
     noise_beta = _nonnegative_number("noise_beta", noise_beta)
-    device, dtype = _device_and_dtype(generator, init_mean)
-    low, high = _bounds(low, high, action_dim, device, dtype)
-    mean = _initial_mean(init_mean, horizon, action_dim, low, high)
-    std = _per_step("noise_std", noise_std, horizon, action_dim, device, dtype, positive=True)
+    low, high, mean, std = _search_start(
+        generator, init_mean, low, high, horizon, action_dim, "noise_std", noise_std
+    )
 
     best, best_score = mean.clone(), -math.inf
     history: list[float] = []
     for _ in range(iterations):
-        noise = _noise((population, horizon, action_dim), noise_beta, generator, dtype)
+        noise = _noise((population, horizon, action_dim), noise_beta, generator, mean.dtype)
         samples = torch.minimum(torch.maximum(mean + std * noise, low), high)
         scores = _scores(score, samples)
         weights = torch.softmax(scores / temperature, dim=0)

@@ -32,7 +32,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 def main(argv: list[str] | None = None) -> int:
     from selfflow_world.clips import ClipDataset, ClipSpec
-    from selfflow_world.envs import make
+    from selfflow_world.envs import make_like
     from selfflow_world.episodes import load_episode, read_manifest
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     high = np.asarray(manifest["action_high"], np.float64)
     rng = np.random.default_rng(args.seed)
     picks = rng.choice(len(dataset), size=min(args.clips, len(dataset)), replace=False)
-    env = make(
-        manifest["env"],
-        size=tuple(manifest["size"]),
-        camera=manifest["camera"],
-        action_repeat=manifest["action_repeat"],
-    )
+    env = make_like(manifest)
     changes, truths, reproduced = [], [], 0
     contexts, context_actions, actions, others, sim_others, nexts = [], [], [], [], [], []
     try:

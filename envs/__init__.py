@@ -4,7 +4,7 @@
     env = make("dmc/reacher-easy")          # observation: uint8 (64, 64, 3)
 """
 
-from selfflow_world.envs.pixel_env import PixelEnv, make
+from selfflow_world.envs.pixel_env import PixelEnv, make, make_like
 from selfflow_world.envs.registry import defaults_for, list_envs, parse_name
 
-__all__ = ["PixelEnv", "defaults_for", "list_envs", "make", "parse_name"]
+__all__ = ["PixelEnv", "defaults_for", "list_envs", "make", "make_like", "parse_name"]

@@ -279,3 +279,14 @@ def make(
         action_repeat: simulator steps per agent step; None takes the curated default.
     """
     return PixelEnv(name, size=size, camera=camera, action_repeat=action_repeat)
+
+
+def make_like(manifest: dict) -> PixelEnv:
+    """The env a dataset was collected in, rendered the same way: ``manifest`` is the dataset's
+    ``manifest.json`` (``env``, ``size``, ``camera``, ``action_repeat``)."""
+    return make(
+        manifest["env"],
+        size=tuple(manifest["size"]),
+        camera=manifest["camera"],
+        action_repeat=manifest["action_repeat"],
+    )

@@ -89,7 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         ckpt=cfg.ckpt, data=str(data), horizon=cfg.horizon, episodes=cfg.episodes, steps=cfg.sampler_steps
     )
     common.update(seed=cfg.seed, device=cfg.device)
-    videos = run_imagine(ImagineConfig(**common, out=str(out / "imagine"), split="all"))
+    videos = run_imagine(ImagineConfig(**common, out=str(out / "imagine"), split="all"), wm=wm)
     report = run_eval(
         EvalConfig(
             **common,
@@ -99,7 +99,8 @@ def run_demo(cfg: DemoConfig) -> dict:
             probe_frames=cfg.episodes * (cfg.steps + 1),
             # a linear probe fitted on a few short episodes says nothing about the features
             representation=False,
-        )
+        ),
+        wm=wm,
     )
     seconds = time.perf_counter() - began
     action_video = next((v for v in videos if "action_sequences" in v), None)

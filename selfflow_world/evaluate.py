@@ -193,11 +193,11 @@ def _clip_features(wm, dataset, limit: int, state_map: StateMap, generator: np.r
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(states)
 
 
-def run_eval(cfg: EvalConfig) -> dict:
+def run_eval(cfg: EvalConfig, wm=None) -> dict:
     """Compute the report, write report.json, report.md and plots into ``cfg.out``; return the report."""
     from selfflow_world.action_following import following_ratio
     from selfflow_world.clips import ClipDataset, ClipSpec
-    from selfflow_world.envs import make
+    from selfflow_world.envs import make_like
     from selfflow_world.episodes import read_manifest
     from selfflow_world.imagine import load_segments
     from selfflow_world.metrics import (
@@ -215,7 +215,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError(f"split must be train, val or all, got {cfg.split!r}")
     if not 0 < cfg.level < 1:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
-    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
+    if wm is None:  # a caller that already loaded the model (sfw demo) passes it
+        wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
     # the baseline imagines one batch of rollouts: compiling it would cost more than it saves
     untrained = WorldModel.untrained(wm, seed=cfg.seed, compile=False)
     hist = wm.history
@@ -287,12 +288,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     report["controllability"] = controllability_gap(mse_true, mse_shuf, cfg.level)
     report["controllability"]["metric"] = "per-frame MSE in [-1, 1] units against recorded frames"
 
-    env = make(
-        manifest["env"],
-        size=tuple(manifest["size"]),
-        camera=manifest["camera"],
-        action_repeat=manifest["action_repeat"],
-    )
+    env = make_like(manifest)
     sim_alt: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())

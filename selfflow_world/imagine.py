@@ -141,14 +141,15 @@ def load_segments(
     )
 
 
-def run_imagine(cfg: ImagineConfig) -> list[dict]:
+def run_imagine(cfg: ImagineConfig, wm=None) -> list[dict]:
     """Write the videos; returns per-episode PSNR summaries."""
     from selfflow_world.metrics import psnr_per_horizon
     from selfflow_world.video import side_by_side, to_float, write_video
     from selfflow_world.world_model import WorldModel
 
     cfg.check("imagine", positive=("fps",))
-    wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
+    if wm is None:  # a caller that already loaded the model (sfw demo) passes it
+        wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
     real, infos = seg.real, seg.infos
     imagined = cfg.imagine(wm, seg.context, seg.actions, seg.context_actions)
@@ -174,7 +175,7 @@ def write_action_video(settings: RolloutSettings, wm, seg: Segments, path: Path)
     """From the first rollout's start, the model and the restored simulator under the recorded
     actions and each alternative of :func:`~selfflow_world.evaluate.alternative_actions`, side by
     side in one video (``path`` .gif / .mp4). Returns its summary."""
-    from selfflow_world.envs import make
+    from selfflow_world.envs import make_like
     from selfflow_world.episodes import read_manifest
     from selfflow_world.evaluate import alternative_actions, replay
     from selfflow_world.video import action_grid, write_video
@@ -187,12 +188,7 @@ def write_action_video(settings: RolloutSettings, wm, seg: Segments, path: Path)
     for name, acts in alternative_actions(seg.actions[:rows], low, high, settings.seed).items():
         if name != "other_episode" or rows > 1:
             sequences[name] = acts
-    env = make(
-        manifest["env"],
-        size=tuple(manifest["size"]),
-        camera=manifest["camera"],
-        action_repeat=manifest["action_repeat"],
-    )
+    env = make_like(manifest)
     try:
         start = seg.states[:rows, wm.history - 1]
         sims = {name: replay(env, seg.infos[:rows], start, acts)[0] for name, acts in sequences.items()}
