@@ -237,17 +237,42 @@ class PixelEnv(gym.Env):
         """The full physics state now (float64 vector of length :attr:`state_size`)."""
         return get_physics_state(self._backend.model, self._backend.data)
 
-    def set_physics_state(self, state: np.ndarray) -> np.ndarray:
-        """Put the simulator in a recorded physics state; returns the frame it shows."""
+    def set_physics_state(self, state: np.ndarray, *, render: bool = True) -> np.ndarray | None:
+        """Put the simulator in a recorded physics state; returns the frame it shows (None with
+        ``render=False``, which skips rendering it)."""
         set_physics_state(self._backend.model, self._backend.data, state)
         self._backend.forward()
         self._needs_reset = False
-        return self._observe()
+        self._frame = None
+        return self._observe() if render else None
 
-    def restore(self, state: np.ndarray, *, seed: int | None = None) -> np.ndarray:
-        """Reset with ``seed`` (restores model-level task randomisation) then set ``state``."""
-        self.reset(seed=seed)
-        return self.set_physics_state(state)
+    def restore(
+        self, state: np.ndarray, *, seed: int | None = None, render: bool = True
+    ) -> np.ndarray | None:
+        """Reset with ``seed`` (restores model-level task randomisation and the time limit's step
+        count) then set ``state``; ``render=False`` renders neither frame (physics only)."""
+        if render:
+            self.reset(seed=seed)
+        else:
+            super().reset(seed=seed)
+            self._backend.reset(self.np_random)
+        return self.set_physics_state(state, render=render)
+
+    def simulate(self, action) -> tuple[float, bool, bool]:
+        """:meth:`step` without rendering (physics only, for planning against the simulator):
+        returns ``(reward, terminated, truncated)``; :meth:`render` then shows the new state."""
+        if self._needs_reset:
+            raise RuntimeError(f"{self.name}: call reset() before simulate() (and after an episode ends)")
+        action = np.clip(np.asarray(action, dtype=np.float32), self.action_space.low, self.action_space.high)
+        total, terminated, truncated = 0.0, False, False
+        for _ in range(self.action_repeat):
+            reward, terminated, truncated = self._backend.step(action)
+            total += reward
+            if terminated or truncated:
+                break
+        self._needs_reset = terminated or truncated
+        self._frame = None
+        return total, terminated, truncated
 
     # -- helpers ---------------------------------------------------------------------------------
     def _observe(self) -> np.ndarray:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from selfflow_world.metrics import mean_ci
 from selfflow_world.model import WorldDiT
+from selfflow_world.rollout import start
 
 
 @torch.no_grad()
@@ -29,10 +30,9 @@ def one_step_prediction(
     ``context (B, H, C, H, W)`` under ``action (B, A)``, from ``noise (B, C, H, W)``."""
     b = context.shape[0]
     ones = torch.ones(b, device=context.device)
-    cache = model.init_cache(b)
-    model.append(cache, context, context_actions)
+    state = start(model, context, context_actions)
     x = noise.to(context.dtype)
-    pred = model.step(cache, x, ones, action)
+    pred = model.step(state.cache, x, ones, action)
     return model.clean(pred[:, None], x[:, None], ones)[:, 0].float()
 
 

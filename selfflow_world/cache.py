@@ -20,7 +20,9 @@ class KVCache:
     Keys are rotated by their absolute frame index, and a single new frame attends to all cached
     frames, so the ring's order does not matter there; :meth:`history` gives it oldest first.
     ``start`` is the absolute index of the oldest cached frame; ``last`` the most recently appended
-    frame ``(B, C, H, W)``, the previous frame of the next one.
+    frame ``(B, C, H, W)``, the previous frame of the next one. ``valid``: None, or ``(B, window + 1)``
+    booleans, False where a row must not attend to a slot (rows restarted from a shorter context,
+    :func:`~selfflow_world.rollout.restart`, until new frames overwrite the old trajectory's slots).
     """
 
     batch: int
@@ -32,6 +34,16 @@ class KVCache:
     frames: int = 0
     slot: int = 0
     last: Tensor | None = None
+    valid: Tensor | None = None
+
+    def key_mask(self) -> Tensor | None:
+        """The attention mask ``(B, 1, 1, (frames + 1) * L)`` of one new frame over the used slots
+        (True = attend), or None when every row may attend to every cached frame."""
+        if self.valid is None:
+            return None
+        mask = self.valid.clone()
+        mask[:, self.slot] = True  # the new frame itself
+        return mask[:, : self.frames + 1].repeat_interleave(self.tokens, dim=1)[:, None, None]
 
     @property
     def next_index(self) -> int:

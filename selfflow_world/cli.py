@@ -141,6 +141,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.heads import HeadsConfig, fit_heads
+
+    cfg = load_config("heads", args.overrides, HeadsConfig)
+    meta = fit_heads(cfg)
+    held = meta["held_out"]
+    print(
+        f"heads at block {meta['layer']} on {held['examples']} held-out transitions ({held['data']}, "
+        f"{held['split']}): reward MAE {held['reward_mae']:.4f} (predicting the mean: "
+        f"{held['reward_mae_predict_mean']:.4f}), correlation {held['reward_correlation']:.3f}, "
+        f"termination accuracy {held['termination_accuracy']:.3f} -> {meta['written_to']}"
+    )
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.plan import PlanConfig, run_plan
+
+    cfg = load_config("plan", args.overrides, PlanConfig)
+    report = run_plan(cfg)
+    print(report["summary_text"])
+    print(f"report, plots and videos in {cfg.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from selfflow_world.config import load_config
     from selfflow_world.demo import DemoConfig, run_demo
@@ -164,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
             "real | imagined | error videos (key=value overrides of configs/imagine.yaml)",
         ),
         ("eval", _cmd_eval, "temporal-consistency report (key=value overrides of configs/eval.yaml)"),
+        (
+            "heads",
+            _cmd_heads,
+            "reward/termination heads on a trained model (overrides of configs/heads.yaml)",
+        ),
+        ("plan", _cmd_plan, "plan in imagination, act in the simulator (overrides of configs/plan.yaml)"),
         ("demo", _cmd_demo, "a shipped world model next to the simulator (overrides of configs/demo.yaml)"),
     ]:
         p = sub.add_parser(name, help=text)

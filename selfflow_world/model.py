@@ -506,16 +506,22 @@ class WorldDiT(nn.Module):
         """
         frames, actions, prev = self._as_clip(cache, frames, actions, prev)
         count = frames.shape[1]
+        if cache.valid is not None and count > 1:
+            raise UserError("append one frame at a time to a rollout with restarted rows")
         h, c = self._embed(frames, t, actions, prev)
         query_ids = self._frame_ids(cache.next_index, count, frames.device)
         key_ids = torch.cat([self._frame_ids(cache.start, cache.frames, frames.device), query_ids])
-        mask = frame_mask(query_ids, key_ids, cache.window) if count > 1 else None
+        mask = frame_mask(query_ids, key_ids, cache.window) if count > 1 else cache.key_mask()
         _, hidden = self._trunk(
             h, c, query_ids, mask, past=cache, return_hidden=return_hidden, store_only_last=True
         )
         total = cache.frames + count
         cache.frames = min(total, cache.window)
         cache.start += total - cache.frames
+        if cache.valid is not None:  # the slot now holds this frame for every row
+            cache.valid[:, cache.slot] = True
+            if bool(cache.valid.all()):
+                cache.valid = None
         cache.slot = (cache.slot + count) % (cache.window + 1)
         cache.last = frames[:, -1]
         return hidden
@@ -543,6 +549,6 @@ class WorldDiT(nn.Module):
         clip, actions, prev = self._as_clip(cache, x_t, action, prev)
         h, c = self._embed(clip, t, actions, prev)
         ids = self._frame_ids(cache.next_index, 1, x_t.device)
-        h, hidden = self._trunk(h, c, ids, None, past=cache, return_hidden=return_hidden)
+        h, hidden = self._trunk(h, c, ids, cache.key_mask(), past=cache, return_hidden=return_hidden)
         out = self._head(h, c, prev, 1)[:, 0]
         return (out, hidden) if return_hidden else out

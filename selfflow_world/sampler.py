@@ -107,13 +107,11 @@ def rollout(
 
     Returns the imagined frames ``(B, T, C, h, w)`` in [-1, 1].
     """
-    batch, horizon = actions.shape[:2]
-    cache = model.init_cache(batch, window)
-    model.append(cache, context, context_actions)
-    out = []
-    for j in range(horizon):
-        frame = sample_next(model, cache, actions[:, j], steps=steps, method=method, generator=generator)
-        out.append(frame)
-        if j + 1 < horizon:  # nothing attends to the last frame
-            model.append(cache, renoise(frame, history_level, generator), actions[:, j], t=history_level)
-    return torch.stack(out, dim=1)
+    from selfflow_world.rollout import advance, start
+
+    state = start(model, context, context_actions, window=window, history_level=history_level)
+    frames = [
+        advance(model, state, actions[:, j], steps=steps, method=method, generator=generator)
+        for j in range(actions.shape[1])
+    ]
+    return torch.stack(frames, dim=1)

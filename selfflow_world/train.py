@@ -464,8 +464,8 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation flow loss (fixed noise), and 1-step PSNR of sampled frames vs copying the last."""
+        from selfflow_world import rollout as rollouts
         from selfflow_world.action_following import action_sensitivity
-        from selfflow_world.sampler import sample_next
         from selfflow_world.video import psnr
 
         model = self.ema.eval()
@@ -486,9 +486,10 @@ class Trainer:
                 _, metrics = compute_loss(model, batch, flow_cfg, gen, history=self.cfg.history)
                 hist = self.cfg.history
                 frames, actions = batch["frames"], batch["actions"]
-                cache = model.init_cache(frames.shape[0])
-                model.append(cache, frames[:, :hist], actions[:, :hist])
-                pred = sample_next(model, cache, actions[:, hist], steps=self.cfg.sample_steps, generator=gen)
+                state = rollouts.start(model, frames[:, :hist], actions[:, :hist])
+                pred = rollouts.advance(
+                    model, state, actions[:, hist], steps=self.cfg.sample_steps, generator=gen
+                )
                 noise = torch.randn(frames[:, hist].shape, generator=gen, device=gen.device).to(self.device)
                 other = torch.rand(actions[:, hist].shape, generator=gen, device=gen.device) * 2 - 1
                 sens = action_sensitivity(model, frames, actions, hist, noise, other.to(self.device))

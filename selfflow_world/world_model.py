@@ -13,17 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from selfflow_world import rollout as rollouts
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
+from selfflow_world.heads import Heads, load_heads, missing_heads_message
 from selfflow_world.model import ModelConfig, WorldDiT
+from selfflow_world.rollout import RolloutState
 from selfflow_world.runtime import autocast, casts_weights, freezes_compiled, tune_allocator
-from selfflow_world.sampler import METHODS, rollout
+from selfflow_world.sampler import METHODS
 from selfflow_world.video import to_float
 
 
@@ -31,6 +34,41 @@ from selfflow_world.video import to_float
 class _Layout:
     uint8: bool
     numpy: bool
+
+
+class Step(NamedTuple):
+    """What :meth:`WorldModel.step` returns when more than the frames is asked for."""
+
+    frames: Tensor | np.ndarray  # (B, ...) in the layout given to start
+    features: Tensor | None  # (B, L, D) float32, block hidden states of the new frames' tokens
+    reward: Tensor | None  # (B,) predicted reward received on arriving at the new frames
+    termination: Tensor | None  # (B,) predicted probability that the episode terminated there
+
+
+class Imagination:
+    """Rollouts in progress (:meth:`WorldModel.start`): step them with :meth:`WorldModel.step`.
+
+    ``repeat(n)`` gives each rollout as ``n`` candidates in a row (planners), ``select(rows)`` keeps
+    chosen rows, and :meth:`WorldModel.restart` starts chosen rows over while the others continue
+    (dream envs). ``imagined``: frames imagined per row since its (re)start.
+    """
+
+    def __init__(self, wm: WorldModel, state: RolloutState, layout: _Layout):
+        self.wm, self.state, self.layout = wm, state, layout
+
+    @property
+    def batch(self) -> int:
+        return self.state.batch
+
+    @property
+    def imagined(self) -> Tensor:
+        return self.state.imagined
+
+    def repeat(self, n: int) -> Imagination:
+        return Imagination(self.wm, self.state.repeat(n), self.layout)
+
+    def select(self, rows) -> Imagination:
+        return Imagination(self.wm, self.state.select(rows), self.layout)
 
 
 class WorldModel:
@@ -52,10 +90,14 @@ class WorldModel:
             self.model.compile_rollouts(freeze=freezes_compiled(device))
         self.meta = meta
         self.device = device
+        self.source = "model"  # what it was loaded from (a path or a shipped model's name)
+        self.heads: Heads | None = None  # reward/termination heads (selfflow_world.heads), if trained
+        self.heads_meta: dict[str, Any] = {}
         self.config: ModelConfig = self.model.config
         self.history: int = int(meta.get("config", {}).get("history", 1))
         low = np.asarray(meta["action_low"], np.float32)
         high = np.asarray(meta["action_high"], np.float32)
+        self.action_low, self.action_high = low, high  # env units, (A,)
         self._center = torch.from_numpy((high + low) / 2).to(device)
         self._half = torch.from_numpy((high - low) / 2).to(device)
 
@@ -93,7 +135,20 @@ class WorldModel:
             raise UserError(f"{ckpt} is not a selfflow-world checkpoint (meta.json lacks model_config)")
         model = WorldDiT(ModelConfig.from_saved(meta["model_config"], ckpt))
         load_weights(ckpt, weights, model)
-        return cls(model.to(device), meta, device, bf16, compile)
+        wm = cls(model.to(device), meta, device, bf16, compile)
+        wm.source = str(path)
+        wm.attach_heads(ckpt, required=False)
+        return wm
+
+    def attach_heads(self, path: str | Path, required: bool = True) -> None:
+        """Use the reward/termination heads stored in directory ``path`` (``sfw heads ... out=``);
+        loading a checkpoint attaches the heads stored beside its weights by itself."""
+        found = load_heads(Path(path), self.config.width, self.config.tokens_per_frame)
+        if found is None:
+            if required:
+                raise UserError(f"no heads in {path} (expected heads.safetensors and heads.json)")
+            return
+        self.heads, self.heads_meta = found[0].to(self.device), found[1]
 
     @classmethod
     def untrained(cls, like: WorldModel, seed: int = 0, compile: bool | None = None) -> WorldModel:
@@ -107,6 +162,16 @@ class WorldModel:
     def normalize_actions(self, actions: Tensor) -> Tensor:
         """Env units -> [-1, 1]."""
         return (actions - self._center) / self._half
+
+    def denormalize_actions(self, actions: Tensor) -> Tensor:
+        """[-1, 1] -> env units (the inverse of :meth:`normalize_actions`)."""
+        return actions * self._half + self._center
+
+    @property
+    def feature_layer(self) -> int:
+        """The block whose hidden states :meth:`step` returns as features by default: the one the
+        Self-Flow teacher is read at, ``round(0.7 * depth)``."""
+        return max(1, round(0.7 * self.config.depth))
 
     def _frames_in(self, frames: Tensor | np.ndarray, name: str) -> tuple[Tensor, _Layout]:
         layout = _Layout(uint8=False, numpy=isinstance(frames, np.ndarray))
@@ -143,16 +208,26 @@ class WorldModel:
         x = x.cpu()
         return x.numpy() if layout.numpy else x
 
-    def _actions_in(self, actions: Tensor | np.ndarray, batch: int, name: str) -> Tensor:
+    def _actions_in(
+        self,
+        actions: Tensor | np.ndarray,
+        batch: int,
+        name: str,
+        normalized: bool = False,
+        steps: bool = True,
+    ) -> Tensor:
+        """Actions ``(B, T, A)`` (``steps=False``: ``(B, A)``) in env units (or already normalised)
+        as normalised float32 on the model's device."""
         a = torch.as_tensor(actions, dtype=torch.float32)
         dim = self.config.action_dim
-        if a.ndim != 3 or a.shape[0] != batch or a.shape[2] != dim:
-            raise UserError(
-                f"{name} must be (B={batch}, T, A={dim}) in env units, got shape {tuple(a.shape)}"
-            )
+        shape = f"(B={batch}, T, A={dim})" if steps else f"(B={batch}, A={dim})"
+        if a.ndim != (3 if steps else 2) or a.shape[0] != batch or a.shape[-1] != dim:
+            units = "normalised to [-1, 1]" if normalized else "in env units"
+            raise UserError(f"{name} must be {shape} {units}, got shape {tuple(a.shape)}")
         if not torch.isfinite(a).all():
             raise UserError(f"{name} contain NaN or infinite values")
-        return self.normalize_actions(a.to(self.device))
+        a = a.to(self.device)
+        return a if normalized else self.normalize_actions(a)
 
     # -- imagination ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -184,39 +259,150 @@ class WorldModel:
         Returns:
             ``T`` imagined frames per trajectory, in the layout of ``context_frames``.
         """
-        context, layout = self._frames_in(context_frames, "context_frames")
-        batch = context.shape[0]
-        acts = self._actions_in(actions, batch, "actions")
+        state = self.start(context_frames, context_actions, window=window, history_level=history_level)
+        acts = self._actions_in(actions, state.batch, "actions", normalized=False)
         if acts.shape[1] < 1:
             raise UserError("actions must hold at least one step (horizon >= 1)")
+        frames = [
+            self._step_normalized(state, acts[:, j], steps, method, generator, None)
+            for j in range(acts.shape[1])
+        ]
+        return self._frames_out(torch.stack(frames, 1).float(), state.layout)
+
+    # -- stateful rollouts ------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(
+        self,
+        context_frames: Tensor | np.ndarray,
+        context_actions: Tensor | np.ndarray | None = None,
+        *,
+        window: int | None = None,
+        history_level: float = 0.0,
+    ) -> Imagination:
+        """Start a batch of rollouts from context frames (encoded into the KV cache once).
+
+        ``context_frames``: uint8 ``(B, H, h, w, 3)`` or float ``(B, H, 3, h, w)`` in [-1, 1]; the
+        frames :meth:`step` returns come in the same layout. ``context_actions`` ``(B, H, A)`` in env
+        units (row 0: the action before the first context frame), zeros if None. ``window`` and
+        ``history_level`` as in :meth:`imagine`. See :class:`Imagination` for repeat/select/restart.
+        """
+        context, layout = self._frames_in(context_frames, "context_frames")
+        ctx_acts = self._context_actions(context, context_actions)
+        if not 0.0 <= history_level < 1.0:
+            raise UserError(f"history_level must be in [0, 1), got {history_level}")
+        with self._precision():
+            state = rollouts.start(self.model, context, ctx_acts, window=window, history_level=history_level)
+        return Imagination(self, state, layout)
+
+    @torch.no_grad()
+    def step(
+        self,
+        state: Imagination,
+        actions: Tensor | np.ndarray,
+        *,
+        steps: int = 4,
+        method: str = "euler",
+        generator: torch.Generator | None = None,
+        features: bool | int = False,
+        rewards: bool = False,
+        normalized: bool = False,
+    ) -> Tensor | np.ndarray | Step:
+        """Imagine the next frame of every rollout in ``state`` under ``actions (B, A)``, in place.
+
+        ``actions`` in env units (``normalized=True``: already in the model's [-1, 1]).
+        ``features``: also return the model's features of the new frames, the hidden state of block
+        :attr:`feature_layer` (or of the block given as an int) per token, float32 ``(B, L, D)``.
+        ``rewards``: also the reward and termination probability the heads predict (needs heads:
+        ``sfw heads``). Returns the frames ``(B, ...)`` in the layout of the context given to
+        :meth:`start`, or a :class:`Step` when features or rewards are asked for.
+        """
+        acts = self._actions_in(actions, state.batch, "actions", normalized=normalized, steps=False)
+        if rewards and self.heads is None:
+            raise UserError(missing_heads_message(self.source))
+        layer = None if features is False else (self.feature_layer if features is True else int(features))
+        if rewards and layer is not None and layer != self.heads_meta["layer"]:
+            raise UserError(
+                f"rewards need the features of block {self.heads_meta['layer']}, got features={layer}"
+            )
+        if rewards:
+            layer = self.heads_meta["layer"]
+        if layer is not None and not 1 <= layer <= self.config.depth:
+            raise UserError(f"features must name a block in [1, {self.config.depth}], got {layer}")
+        out = self._step_normalized(state, acts, steps, method, generator, layer)
+        frame, feats = out if layer is not None else (out, None)
+        frame = self._frames_out(frame[:, None].float(), state.layout)[:, 0]
+        if layer is None:
+            return frame
+        reward = termination = None
+        if rewards:
+            reward, termination = self.heads(feats)
+        return Step(frame, feats.float() if features is not False else None, reward, termination)
+
+    def _step_normalized(self, state, acts, steps, method, generator, layer):
         if not 1 <= steps <= 50:
             raise UserError(f"steps must be in [1, 50], got {steps}")
         if method not in METHODS:
             raise UserError(f"method must be one of {METHODS}, got {method!r}")
-        if not 0.0 <= history_level < 1.0:
-            raise UserError(f"history_level must be in [0, 1), got {history_level}")
-        if context_actions is None:
-            ctx_acts = torch.zeros(batch, context.shape[1], self.config.action_dim, device=self.device)
-        else:
-            ctx_acts = self._actions_in(context_actions, batch, "context_actions")
-            if ctx_acts.shape[1] != context.shape[1]:
-                raise UserError(
-                    f"context_actions must have one row per context frame ({context.shape[1]}), "
-                    f"got {ctx_acts.shape[1]}"
-                )
-        with autocast(self.device, self.bf16 and not self.bf16_weights):
-            out = rollout(
-                self.model,
-                context,
-                ctx_acts,
-                acts,
-                steps=steps,
-                method=method,
-                generator=generator,
-                window=window,
-                history_level=history_level,
+        with self._precision():
+            return rollouts.advance(
+                self.model, state.state, acts, steps=steps, method=method, generator=generator, features=layer
             )
-        return self._frames_out(out.float(), layout)
+
+    @torch.no_grad()
+    def restart(
+        self,
+        state: Imagination,
+        rows: list[int] | Tensor,
+        context_frames: Tensor | np.ndarray,
+        context_actions: Tensor | np.ndarray | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Start ``rows`` of ``state`` over from new context frames (``(R, H, ...)``, the layout given
+        to :meth:`start`), in place; the other rows continue as if nothing happened."""
+        context, layout = self._frames_in(context_frames, "context_frames")
+        if layout.uint8 != state.layout.uint8:
+            raise UserError("restart frames must come in the layout given to start (uint8 or float)")
+        ctx_acts = self._context_actions(context, context_actions)
+        with self._precision():
+            rollouts.restart(self.model, state.state, rows, context, ctx_acts, generator)
+
+    def _precision(self):
+        return autocast(self.device, self.bf16 and not self.bf16_weights)
+
+    def _context_actions(self, context: Tensor, context_actions) -> Tensor:
+        batch = context.shape[0]
+        if context_actions is None:
+            return torch.zeros(batch, context.shape[1], self.config.action_dim, device=self.device)
+        ctx_acts = self._actions_in(context_actions, batch, "context_actions")
+        if ctx_acts.shape[1] != context.shape[1]:
+            raise UserError(
+                f"context_actions must have one row per context frame ({context.shape[1]}), "
+                f"got {ctx_acts.shape[1]}"
+            )
+        return ctx_acts
+
+    @torch.no_grad()
+    def clip_features(
+        self,
+        frames: Tensor | np.ndarray,
+        actions: Tensor | np.ndarray | None = None,
+        layer: int | None = None,
+    ) -> Tensor:
+        """Features of the last frame of clean clips, as :meth:`step` returns them for an imagined
+        frame: block ``layer``'s (default :attr:`feature_layer`) hidden state of its tokens at
+        ``t = 0`` given the frames before it, float32 ``(B, L, D)``.
+
+        ``frames`` in either layout ``(B, T, ...)``, ``T <= max_frames``; ``actions (B, T, A)`` the
+        per-frame actions in env units (zeros if None)."""
+        from selfflow_world.model import shift_frames
+
+        x, _ = self._frames_in(frames, "frames")
+        layer = self.feature_layer if layer is None else layer
+        acts = self._context_actions(x, actions)
+        zeros = torch.zeros(x.shape[0], device=self.device)
+        with self._precision():
+            _, hidden = self.model(x, zeros, acts, shift_frames(x), return_hidden=(layer,))
+        return hidden[layer][:, -self.config.tokens_per_frame :].float()
 
     @torch.no_grad()
     def features(self, frames: Tensor, actions: Tensor, layers: list[int] | None = None) -> dict[int, Tensor]:

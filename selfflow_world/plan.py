@@ -1,0 +1,741 @@
+"""``sfw plan``: model-predictive control in the real simulator, planning in imagination.
+
+At every replanning step a planner (:mod:`selfflow_world.agents.planners`: CEM or MPPI) searches
+over action sequences; each candidate is rolled out in the world model from the latest real frames
+(:meth:`~selfflow_world.world_model.WorldModel.start` once, ``repeat`` per iteration, one batched
+:meth:`~selfflow_world.world_model.WorldModel.step` per horizon step) and scored; the first
+``execute`` actions of the best plan run in the real env, and the loop replans from what it sees.
+
+Tasks:
+
+- ``goal``: a start is a state of a fresh episode of the collection policy (env seed from ``seed``,
+  so not the training episodes), the goal is the state ``goal_offset`` agent steps later in that
+  episode and its rendered frame is the goal image; success means every goal joint within
+  ``tolerance`` of the goal's (angles wrapped) within ``budget`` agent steps. Starts already within
+  the tolerance are skipped. Scores: ``features`` (distance to the goal image in the model's own
+  feature space) or ``pixels`` (pixel MSE), at the end of the horizon.
+- ``reward``: the env's own return over a full episode; score: the reward heads' predicted return.
+
+Arms on the same starts: ``model`` (the world model), ``random`` (uniform random actions) and
+``simulator`` (the same planner and score with the simulator as the model: each candidate replayed
+from the restored physics state), so the share of the gap that the world model causes shows. One
+result file per arm and episode under ``out/episodes/``, so a rerun continues (``resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from selfflow_world.errors import UserError, check_positive
+
+TASKS = ("goal", "reward")
+PLANNERS = ("cem", "mppi")
+SCORES = ("auto", "features", "pixels", "reward")
+ARMS = ("model", "random", "simulator")
+
+# goal joints per env: (qpos indices, names) whose distance decides goal success
+GOAL_JOINTS: dict[str, tuple[list[int], list[str]]] = {
+    "dmc/reacher-easy": ([0, 1], ["shoulder", "wrist"]),
+    "dmc/reacher-hard": ([0, 1], ["shoulder", "wrist"]),
+}
+
+
+@dataclass
+class PlanConfig:
+    """Settings of ``sfw plan`` (documented in configs/plan.yaml)."""
+
+    ckpt: str = "reacher-easy"
+    env: str | None = None  # default: the env the model was trained on
+    planner: str = "cem"
+    task: str = "goal"
+    score: str = "auto"  # goal: features (default) or pixels; reward: reward
+    episodes: int = 50
+    out: str = "???"
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    baseline_episodes: int | None = None  # episodes of the simulator arm (default: all)
+    horizon: int = 5
+    population: int = 64
+    iterations: int = 3
+    elites: int = 8
+    temperature: float = 0.1  # MPPI
+    noise_std: float = 0.5  # MPPI sampling std (normalised units)
+    noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
+    execute: int = 1  # actions executed per plan
+    sampler_steps: int = 1
+    goal_offset: int = 25
+    budget: int = 50
+    tolerance: float = 0.05  # rad
+    reward_steps: int | None = None  # agent steps of a reward episode (default: until the env ends)
+    videos: int = 2  # episodes with a video of real execution beside what the model imagined
+    seed: int = 1
+    device: str = "auto"
+    resume: bool = True
+
+    def check(self) -> None:
+        if self.out in ("???", "", None):
+            raise UserError("out= is required (e.g. sfw plan ckpt=reacher-easy task=goal episodes=2 out=DIR)")
+        if self.task not in TASKS:
+            raise UserError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.planner not in PLANNERS:
+            raise UserError(f"planner must be one of {PLANNERS}, got {self.planner!r}")
+        if self.score not in SCORES:
+            raise UserError(f"score must be one of {SCORES}, got {self.score!r}")
+        if (
+            self.task == "goal"
+            and self.score == "reward"
+            or self.task == "reward"
+            and self.score in ("features", "pixels")
+        ):
+            raise UserError(
+                f"score={self.score} does not fit task={self.task} (goal: features|pixels, reward: reward)"
+            )
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad or not self.arms:
+            raise UserError(f"arms must be a non-empty list of {ARMS}, got {self.arms}")
+        for name in (
+            "episodes",
+            "horizon",
+            "population",
+            "iterations",
+            "elites",
+            "execute",
+            "sampler_steps",
+            "goal_offset",
+            "budget",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if self.elites > self.population:
+            raise UserError(f"elites ({self.elites}) must not exceed population ({self.population})")
+        if self.execute > self.horizon:
+            raise UserError(f"execute ({self.execute}) must not exceed horizon ({self.horizon})")
+        for name in ("temperature", "noise_std", "tolerance"):
+            check_positive(name, getattr(self, name))
+
+    @property
+    def resolved_score(self) -> str:
+        if self.score != "auto":
+            return self.score
+        return "features" if self.task == "goal" else "reward"
+
+
+# -- goal protocol ------------------------------------------------------------------------------------
+def joint_distance(env_name: str, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """Per goal joint ``|angle - goal angle|`` (wrapped to [0, pi]) from physics states (index 0
+    is the simulation time, qpos follows)."""
+    if env_name not in GOAL_JOINTS:
+        raise UserError(f"task=goal is defined for {sorted(GOAL_JOINTS)}; got env {env_name}")
+    idx = np.asarray(GOAL_JOINTS[env_name][0]) + 1
+    diff = np.asarray(state, np.float64)[..., idx] - np.asarray(goal, np.float64)[..., idx]
+    return np.abs((diff + np.pi) % (2 * np.pi) - np.pi)
+
+
+def reached(env_name: str, state: np.ndarray, goal: np.ndarray, tolerance: float) -> bool:
+    """Whether every goal joint of ``state`` is within ``tolerance`` of ``goal``'s."""
+    return bool((joint_distance(env_name, state, goal) <= tolerance).all())
+
+
+@dataclass
+class GoalEpisode:
+    """One start of the goal protocol: the context (uint8 ``(H, h, w, 3)`` frames and their per-frame
+    actions), the physics states of the start and the goal, the goal image, the env seed."""
+
+    index: int
+    env_seed: int
+    context: np.ndarray
+    context_actions: np.ndarray
+    start: np.ndarray
+    goal: np.ndarray
+    goal_frame: np.ndarray
+
+
+def goal_episodes(env, cfg: PlanConfig, history: int, count: int):
+    """Yield :class:`GoalEpisode` starts (skipping those already at their goal), deterministic in
+    ``cfg.seed``: each from a fresh episode of the collection policy (coloured noise)."""
+    from selfflow_world.clips import per_frame
+    from selfflow_world.envs.collect import run_episode
+    from selfflow_world.envs.policies import PolicyConfig, make_policy
+
+    policy = make_policy(PolicyConfig(), env.action_space.low, env.action_space.high)
+    made, index = 0, 0
+    while made < count:
+        rng = np.random.default_rng([cfg.seed, index])
+        first = int(rng.integers(history - 1, history - 1 + 25))  # where the start sits
+        arrays, env_seed = run_episode(env, policy, cfg.seed + 7919, index, first + cfg.goal_offset)
+        index += 1
+        if len(arrays["states"]) < first + cfg.goal_offset + 1:
+            continue  # terminated early
+        start, goal = arrays["states"][first], arrays["states"][first + cfg.goal_offset]
+        if reached(env.name, start, goal, cfg.tolerance):
+            continue
+        yield GoalEpisode(
+            index - 1,
+            env_seed,
+            arrays["frames"][first + 1 - history : first + 1],
+            per_frame(arrays["actions"], first + 1 - history, history),
+            start,
+            goal,
+            arrays["frames"][first + cfg.goal_offset],
+        )
+        made += 1
+
+
+# -- scores -------------------------------------------------------------------------------------------
+def _token_norm(features: Tensor) -> Tensor:
+    """Each token's features standardised over channels, so distances weigh every token alike."""
+    return torch.nn.functional.layer_norm(features.float(), features.shape[-1:])
+
+
+def feature_distance(features: Tensor, goal: Tensor) -> Tensor:
+    """Mean squared distance ``(N,)`` between standardised token features ``(N, L, D)`` and ``goal (L, D)``."""
+    return (_token_norm(features) - _token_norm(goal)[None]).pow(2).mean((1, 2))
+
+
+def pixel_distance(frames: Tensor, goal: Tensor) -> Tensor:
+    """Mean squared pixel distance ``(N,)`` of float frames ``(N, C, H, W)`` to ``goal (C, H, W)``."""
+    return (frames.float() - goal.float()[None]).pow(2).mean((1, 2, 3))
+
+
+class ModelScorer:
+    """Scores action sequences by imagining them: ``begin`` at each replanning step, then call."""
+
+    def __init__(self, wm, score: str, sampler_steps: int, generator: torch.Generator, goal=None):
+        self.wm, self.score, self.steps, self.generator = wm, score, sampler_steps, generator
+        self.goal = goal  # features (L, D) or float frame (C, H, W)
+        self.frames = 0
+
+    def begin(self, context: np.ndarray, context_actions: np.ndarray) -> None:
+        from selfflow_world.video import to_float
+
+        self.root = self.wm.start(to_float(context[None]), context_actions[None])
+
+    @torch.no_grad()
+    def imagine(self, actions: Tensor, keep: bool = False):
+        """Roll ``actions (N, T, A)`` (normalised) out; returns the score ``(N,)`` (and the frames)."""
+        n, horizon = actions.shape[:2]
+        state = self.root.repeat(n)
+        total = torch.zeros(n, device=actions.device)
+        kept = []
+        for h in range(horizon):
+            last = h == horizon - 1
+            if self.score == "reward":
+                out = self.wm.step(
+                    state,
+                    actions[:, h],
+                    normalized=True,
+                    steps=self.steps,
+                    generator=self.generator,
+                    rewards=True,
+                )
+                frame = out.frames
+                total += out.reward.to(total.device)
+            elif self.score == "features" and last:
+                out = self.wm.step(
+                    state,
+                    actions[:, h],
+                    normalized=True,
+                    steps=self.steps,
+                    generator=self.generator,
+                    features=True,
+                )
+                frame = out.frames
+                total -= feature_distance(out.features, self.goal).to(total.device)
+            else:
+                frame = self.wm.step(
+                    state, actions[:, h], normalized=True, steps=self.steps, generator=self.generator
+                )
+                if self.score == "pixels" and last:
+                    total -= pixel_distance(frame, self.goal).to(total.device)
+            if keep:
+                kept.append(frame)
+        self.frames += n * horizon
+        return (total, torch.stack(kept, 1)) if keep else total
+
+    def __call__(self, actions: Tensor) -> Tensor:
+        return self.imagine(actions)
+
+
+class SimulatorScorer:
+    """The same scores with the simulator as the model: each candidate replayed from the restored
+    physics state of the real env (features: the model's features of the simulator's frames)."""
+
+    def __init__(self, env, wm, score: str, goal=None):
+        self.env, self.wm, self.score, self.goal = env, wm, score, goal
+        self.frames = 0
+
+    def begin(
+        self, context: np.ndarray, context_actions: np.ndarray, physics: np.ndarray, env_seed: int
+    ) -> None:
+        self.context, self.context_actions = context, context_actions
+        self.physics, self.env_seed = physics, env_seed
+
+    @torch.no_grad()
+    def __call__(self, actions: Tensor) -> Tensor:
+        from selfflow_world.video import to_float
+
+        acts = self.wm.denormalize_actions(actions.to(self.wm.device)).cpu().numpy()
+        n, horizon = acts.shape[:2]
+        history = self.context.shape[0]
+        scores, clips, clip_actions = np.zeros(n), [], []
+        keep = 0 if self.score == "reward" else min(history + 1, horizon)  # frames the score reads
+        for i in range(n):
+            # a reset with the episode's seed restores its task randomisation (the target) and the
+            # env's step count, then the physics state; only the frames the score reads are rendered
+            self.env.restore(self.physics, seed=self.env_seed, render=False)
+            frames, total = [], 0.0
+            for h, a in enumerate(acts[i]):
+                reward, term, _ = self.env.simulate(a)
+                total += reward
+                if h >= horizon - keep:
+                    frames.append(self.env.render().copy())
+                if term:
+                    break
+            scores[i] = total
+            if self.score != "reward":
+                frames += [frames[-1] if frames else self.env.render()] * (keep - len(frames))
+                seq = np.concatenate([self.context, np.stack(frames)])[-(history + 1) :]
+                clips.append(seq)
+                seq_a = np.concatenate([self.context_actions, acts[i]])[-(history + 1) :]
+                clip_actions.append(seq_a)
+        self.frames += n * horizon
+        if self.score == "reward":
+            return torch.as_tensor(scores, dtype=torch.float32, device=actions.device)
+        clips_t = to_float(np.stack(clips))
+        if self.score == "pixels":
+            return -pixel_distance(clips_t[:, -1], self.goal).to(actions.device)
+        feats = self.wm.clip_features(clips_t, np.stack(clip_actions))
+        return -feature_distance(feats, self.goal).to(actions.device)
+
+
+# -- the control loop ---------------------------------------------------------------------------------
+def _planner(cfg: PlanConfig, scorer, action_dim: int, generator: torch.Generator, init_mean: Tensor | None):
+    from selfflow_world.agents.planners import cem, mppi
+
+    if cfg.planner == "cem":
+        return cem(
+            scorer,
+            cfg.horizon,
+            action_dim,
+            population=cfg.population,
+            elites=cfg.elites,
+            iterations=cfg.iterations,
+            generator=generator,
+            init_mean=init_mean,
+            init_std=0.5,
+            noise_beta=cfg.noise_beta,
+            momentum=0.1,
+        )
+    return mppi(
+        scorer,
+        cfg.horizon,
+        action_dim,
+        population=cfg.population,
+        iterations=cfg.iterations,
+        temperature=cfg.temperature,
+        noise_std=cfg.noise_std,
+        generator=generator,
+        init_mean=init_mean,
+        noise_beta=cfg.noise_beta,
+    )
+
+
+def control(
+    cfg: PlanConfig,
+    env,
+    wm,
+    arm: str,
+    scorer,
+    context,
+    context_actions,
+    physics,
+    env_seed,
+    steps: int,
+    stop=None,
+    video: bool = False,
+) -> dict[str, Any]:
+    """Run one episode of MPC (or random actions) in ``env`` from ``physics``: plan, execute
+    ``cfg.execute`` actions, observe, replan, for ``steps`` agent steps or until ``stop(state)``.
+
+    Returns the return, the steps taken, whether ``stop`` fired, planning time per plan and, with
+    ``video``, the real frames beside the imagined ones of the plan being executed.
+    """
+    from selfflow_world.agents.planners import shift_plan
+
+    env.restore(physics, seed=env_seed)
+    history = context.shape[0]
+    frames, acts = list(context), list(context_actions)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + env_seed % 1_000_003)
+    rng = np.random.default_rng([cfg.seed, env_seed % (2**32)])
+    low, high = env.action_space.low, env.action_space.high
+    total, done, plans, plan_time, imagined_frames = 0.0, False, 0, 0.0, 0
+    mean, queue, imagined_queue, real_video, model_video = None, [], [], [], []
+    taken = 0
+    while taken < steps:
+        taken += 1
+        if arm == "random":
+            action = rng.uniform(low, high).astype(np.float32)
+        else:
+            if not queue:
+                t0 = time.perf_counter()
+                ctx, ctx_a = np.stack(frames[-history:]), np.stack(acts[-history:])
+                if arm == "model":
+                    scorer.begin(ctx, ctx_a)
+                else:
+                    scorer.begin(ctx, ctx_a, env.get_physics_state(), env_seed)
+                before = scorer.frames
+                plan = _planner(cfg, scorer, wm.config.action_dim, gen, mean)
+                plan_time += time.perf_counter() - t0
+                imagined_frames += scorer.frames - before
+                plans += 1
+                mean = shift_plan(plan.mean, cfg.execute)
+                chosen = plan.actions[: cfg.execute]
+                queue = list(wm.denormalize_actions(chosen.to(wm.device)).cpu().numpy())
+                if video and arm == "model":
+                    _, seen = scorer.imagine(plan.actions[None].to(wm.device), keep=True)
+                    from selfflow_world.video import to_uint8
+
+                    imagined_queue = list(to_uint8(seen[0, : cfg.execute]))
+            action = queue.pop(0)
+        obs, reward, term, trunc, _ = env.step(action)
+        total += reward
+        frames.append(obs)
+        acts.append(np.asarray(action, np.float32))
+        if video:
+            real_video.append(obs)
+            model_video.append(imagined_queue.pop(0) if imagined_queue else np.zeros_like(obs))
+        if stop is not None and stop(env.get_physics_state()):
+            done = True
+            break
+        if term or trunc:
+            break
+    out = {
+        "return": float(total),
+        "steps": int(taken),
+        "reached": bool(done),
+        "plans": plans,
+        "seconds_per_plan": plan_time / plans if plans else 0.0,
+        "imagined_frames_per_plan": imagined_frames / plans if plans else 0.0,
+    }
+    if video:
+        out["_video"] = (np.stack(real_video), np.stack(model_video))
+    return out
+
+
+def proportion_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """Success rate and its Wilson score interval."""
+    from statistics import NormalDist
+
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
+    """Run the arms over the episodes; writes per-episode results, report.json/md, plots, videos."""
+    from selfflow_world.envs import make
+    from selfflow_world.heads import missing_heads_message
+    from selfflow_world.runtime import resolve_device
+    from selfflow_world.video import label, to_float, write_video
+    from selfflow_world.world_model import WorldModel
+
+    cfg.check()
+    if wm is None:
+        wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
+    trained_env = wm.meta.get("env")
+    env_name = cfg.env or trained_env
+    if env_name is None:
+        raise UserError("env= is required: the checkpoint does not say which env it was trained on")
+    if trained_env and env_name != trained_env:
+        warnings.warn(f"planning in {env_name} with a model trained on {trained_env}", stacklevel=2)
+    score = cfg.resolved_score
+    if score == "reward" and wm.heads is None:
+        raise UserError(missing_heads_message(cfg.ckpt))
+    render = wm.meta.get("render", {})
+    size = wm.config.image_size
+    env = make(env_name, size=size, camera=render.get("camera"), action_repeat=render.get("action_repeat"))
+    sim_env = make(
+        env_name, size=size, camera=render.get("camera"), action_repeat=render.get("action_repeat")
+    )
+    if env.action_space.shape != (wm.config.action_dim,):
+        raise UserError(
+            f"{env_name} has {env.action_space.shape[0]} action dimensions, the model {wm.config.action_dim}"
+        )
+    if cfg.task == "goal":
+        joint_distance(env_name, np.zeros(env.state_size), np.zeros(env.state_size))  # env supported?
+    out = Path(cfg.out)
+    (out / "episodes").mkdir(parents=True, exist_ok=True)
+    history = wm.history
+    gen = torch.Generator(wm.device).manual_seed(cfg.seed)
+    results: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
+    starts = _starts(cfg, env, history)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.episodes * len(cfg.arms), desc=f"plan {cfg.task}", unit="episode")
+    videos = []
+    for number, start in enumerate(starts):
+        for arm in cfg.arms:
+            path = out / "episodes" / f"{arm}_{number:04d}.json"
+            if arm == "simulator" and cfg.baseline_episodes is not None and number >= cfg.baseline_episodes:
+                if bar:
+                    bar.update()
+                continue
+            want_video = arm == "model" and number < cfg.videos
+            if cfg.resume and path.is_file() and not want_video:
+                results[arm].append(json.loads(path.read_text()))
+                if bar:
+                    bar.update()
+                continue
+            if cfg.task == "goal":
+                goal_t = to_float(start.goal_frame[None])[0]
+                goal = (
+                    wm.clip_features(to_float(np.stack([start.goal_frame] * (history + 1))[None]))[0]
+                    if score == "features"
+                    else goal_t
+                )
+                scorer = (
+                    ModelScorer(wm, score, cfg.sampler_steps, gen, goal)
+                    if arm == "model"
+                    else SimulatorScorer(sim_env, wm, score, goal)
+                    if arm == "simulator"
+                    else None
+                )
+                res = control(
+                    cfg,
+                    env,
+                    wm,
+                    arm,
+                    scorer,
+                    start.context,
+                    start.context_actions,
+                    start.start,
+                    start.env_seed,
+                    cfg.budget,
+                    stop=lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance),
+                    video=want_video,
+                )
+                res["final_joint_distance"] = joint_distance(
+                    env_name, env.get_physics_state(), start.goal
+                ).tolist()
+            else:
+                scorer = (
+                    ModelScorer(wm, score, cfg.sampler_steps, gen)
+                    if arm == "model"
+                    else SimulatorScorer(sim_env, wm, score)
+                    if arm == "simulator"
+                    else None
+                )
+                res = control(
+                    cfg,
+                    env,
+                    wm,
+                    arm,
+                    scorer,
+                    start.context,
+                    start.context_actions,
+                    start.start,
+                    start.env_seed,
+                    cfg.reward_steps or 10**9,
+                    video=want_video,
+                )
+                res["return"] += start.reward_before
+            res.update(episode=number, env_seed=start.env_seed, arm=arm)
+            if "_video" in res:
+                real, imagined = res.pop("_video")
+                panels = [label(real, "real"), label(imagined, "imagined plan")]
+                if cfg.task == "goal":
+                    panels.append(label(np.broadcast_to(start.goal_frame, real.shape).copy(), "goal"))
+                grid = np.concatenate(panels, axis=2).repeat(2, 1).repeat(2, 2)
+                videos += [str(f) for f in write_video(out / f"episode_{number:04d}", grid, fps=8)]
+            path.write_text(json.dumps(res, indent=2))
+            results[arm].append(res)
+            if bar:
+                bar.update()
+                bar.set_postfix_str(_postfix(cfg, results))
+    if bar:
+        bar.close()
+    env.close()
+    sim_env.close()
+    report = summarise(cfg, results, env_name)
+    report["videos"] = videos
+    report["plots"] = write_plan_plots(report, out)
+    report["summary_text"] = plan_summary(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(plan_markdown(report))
+    return report
+
+
+@dataclass
+class _Start:
+    env_seed: int
+    context: np.ndarray
+    context_actions: np.ndarray
+    start: np.ndarray
+    reward_before: float = 0.0
+
+
+def _starts(cfg: PlanConfig, env, history: int):
+    """The episodes' starts: goal-protocol starts, or env resets followed by ``history - 1``
+    zero-action steps (the model's context) for the reward task."""
+    if cfg.task == "goal":
+        yield from goal_episodes(env, cfg, history, cfg.episodes)
+        return
+    from selfflow_world.envs.collect import episode_seeds
+
+    zero = ((env.action_space.low + env.action_space.high) / 2).astype(np.float32)
+    for index in range(cfg.episodes):
+        env_seed, _ = episode_seeds(cfg.seed + 7919, index)
+        obs, _ = env.reset(seed=env_seed)
+        frames, acts, total = [obs], [np.zeros_like(zero)], 0.0
+        for _ in range(history - 1):
+            obs, reward, *_ = env.step(zero)
+            frames.append(obs)
+            acts.append(zero)
+            total += reward
+        yield _Start(env_seed, np.stack(frames), np.stack(acts), env.get_physics_state(), total)
+
+
+def _postfix(cfg: PlanConfig, results: dict[str, list[dict]]) -> str:
+    parts = []
+    for arm, rows in results.items():
+        if not rows:
+            continue
+        if cfg.task == "goal":
+            parts.append(f"{arm} {sum(r['reached'] for r in rows)}/{len(rows)}")
+        else:
+            parts.append(f"{arm} {np.mean([r['return'] for r in rows]):.0f}")
+    return ", ".join(parts)
+
+
+def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) -> dict[str, Any]:
+    """Per arm: success rate with a Wilson interval (goal) or mean return with a t interval
+    (reward), steps, planning time."""
+    from selfflow_world.metrics import mean_ci
+
+    arms = {}
+    for arm, rows in results.items():
+        if not rows:
+            continue
+        entry: dict[str, Any] = {"episodes": len(rows)}
+        if cfg.task == "goal":
+            hits = sum(r["reached"] for r in rows)
+            rate, lo, hi = proportion_ci(hits, len(rows))
+            entry.update(
+                success=rate,
+                success_low=lo,
+                success_high=hi,
+                successes=hits,
+                steps_to_goal=float(np.mean([r["steps"] for r in rows if r["reached"]])) if hits else None,
+            )
+        else:
+            mean, lo, hi = mean_ci([r["return"] for r in rows])
+            entry.update(return_mean=mean, return_low=lo, return_high=hi)
+        if arm != "random":
+            entry["seconds_per_plan"] = float(np.mean([r["seconds_per_plan"] for r in rows]))
+            entry["imagined_frames_per_plan"] = float(np.mean([r["imagined_frames_per_plan"] for r in rows]))
+        arms[arm] = entry
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "device")}
+    return {
+        "env": env_name,
+        "task": cfg.task,
+        "score": cfg.resolved_score,
+        "settings": settings,
+        "arms": arms,
+    }
+
+
+def plan_summary(report: dict) -> str:
+    lines = [
+        f"{report['task']} planning in {report['env']} ({report['settings']['planner']}, score {report['score']}):"
+    ]
+    for arm, e in report["arms"].items():
+        if report["task"] == "goal":
+            text = f"success {e['success']:.0%} [{e['success_low']:.0%}, {e['success_high']:.0%}] ({e['successes']}/{e['episodes']})"
+        else:
+            text = f"return {e['return_mean']:.1f} [{e['return_low']:.1f}, {e['return_high']:.1f}] over {e['episodes']}"
+        if "seconds_per_plan" in e:
+            text += f", {e['seconds_per_plan']:.2f} s per plan"
+        lines.append(f"  {arm:<10} {text}")
+    return "\n".join(lines)
+
+
+def plan_markdown(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"# Planning report: {report['task']} in {report['env']}",
+        "",
+        f"Planner {s['planner']}, score {report['score']}, horizon {s['horizon']}, population {s['population']}, "
+        f"iterations {s['iterations']}, {s['execute']} action(s) per plan, {s['sampler_steps']} sampler step(s), seed {s['seed']}.",
+        "",
+    ]
+    if report["task"] == "goal":
+        lines += [
+            f"Goal {s['goal_offset']} agent steps ahead, tolerance {s['tolerance']} rad, budget {s['budget']} steps.",
+            "",
+            "| arm | episodes | success | 95% CI | s per plan | imagined frames per plan |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, e in report["arms"].items():
+            lines.append(
+                f"| {arm} | {e['episodes']} | {e['success']:.1%} | [{e['success_low']:.1%}, {e['success_high']:.1%}] | "
+                f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
+            )
+    else:
+        lines += [
+            "| arm | episodes | return | 95% CI | s per plan | imagined frames per plan |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, e in report["arms"].items():
+            lines.append(
+                f"| {arm} | {e['episodes']} | {e['return_mean']:.1f} | [{e['return_low']:.1f}, {e['return_high']:.1f}] | "
+                f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
+            )
+    lines += ["", "Files: " + ", ".join(report.get("videos", []) + report.get("plots", []))]
+    return "\n".join(lines) + "\n"
+
+
+def write_plan_plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(report["arms"])
+    if not arms:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    key = "success" if report["task"] == "goal" else "return_mean"
+    low_key, high_key = ("success_low", "success_high") if key == "success" else ("return_low", "return_high")
+    vals, err = [], [[], []]
+    for arm in arms:
+        entry = report["arms"][arm]
+        vals.append(entry[key])
+        for side, bound in enumerate((entry[low_key], entry[high_key])):
+            err[side].append(0.0 if math.isnan(bound) else abs(bound - entry[key]))
+    if key == "success":
+        ax.set_ylabel("success rate")
+        ax.set_ylim(0, 1)
+    else:
+        ax.set_ylabel("episode return")
+    ax.bar(arms, vals, yerr=err, capsize=4, color=["tab:blue", "tab:gray", "tab:green"][: len(arms)])
+    ax.set_title(f"{report['task']} in {report['env']} (95% CI)")
+    fig.tight_layout()
+    fig.savefig(out / "arms.png", dpi=120)
+    plt.close(fig)
+    return ["arms.png"]

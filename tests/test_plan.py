@@ -1,0 +1,184 @@
+"""`sfw plan`: the goal protocol, the harness (simulator as the model), the report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from selfflow_world.errors import UserError
+from selfflow_world.plan import (
+    PlanConfig,
+    feature_distance,
+    joint_distance,
+    proportion_ci,
+    reached,
+    run_plan,
+)
+
+
+def _state(shoulder: float, wrist: float) -> np.ndarray:
+    return np.array([0.0, shoulder, wrist, 0.0, 0.0])  # time, qpos (2), qvel (2)
+
+
+def test_goal_success_check_on_known_states():
+    env = "dmc/reacher-easy"
+    assert reached(env, _state(0.0, 0.0), _state(0.04, -0.04), 0.05)
+    assert not reached(env, _state(0.0, 0.0), _state(0.04, 0.06), 0.05)
+    # angles wrap: 3.13 and -3.13 rad are 0.013 rad apart
+    assert reached(env, _state(3.13, 0.0), _state(-3.13, 0.0), 0.05)
+    assert np.allclose(joint_distance(env, _state(np.pi - 0.01, 0), _state(-np.pi + 0.01, 0)), [0.02, 0.0])
+    with pytest.raises(UserError, match="task=goal is defined for"):
+        joint_distance("dmc/cartpole-swingup", np.zeros(5), np.zeros(5))
+
+
+def test_wilson_interval():
+    rate, lo, hi = proportion_ci(8, 10)
+    assert rate == 0.8 and abs(lo - 0.490) < 0.005 and abs(hi - 0.943) < 0.005
+    assert proportion_ci(0, 5)[1] < 1e-12 and proportion_ci(5, 5)[2] > 1 - 1e-12
+
+
+def test_feature_distance_is_zero_at_the_goal_and_grows_away():
+    goal = torch.randn(4, 8)
+    feats = torch.stack([goal, goal + 0.1 * torch.randn(4, 8), torch.randn(4, 8)])
+    d = feature_distance(feats, goal)
+    assert d[0] < 1e-6 < d[1] < d[2]
+
+
+def _pixel_world_model(size: int = 32):
+    """An untrained model of the reacher's frames and actions: enough for the simulator arm, which
+    only uses its frame size and action bounds."""
+    from selfflow_world.model import WorldDiT, model_config
+    from selfflow_world.world_model import WorldModel
+
+    model = WorldDiT(model_config("tiny", image_size=size, patch=8, action_dim=2, max_frames=3))
+    meta = {
+        "action_low": [-1.0, -1.0],
+        "action_high": [1.0, 1.0],
+        "env": "dmc/reacher-easy",
+        "render": {"camera": 0, "action_repeat": 4, "size": [size, size]},
+        "config": {"history": 2},
+    }
+    return WorldModel(model, meta, torch.device("cpu"), bf16=False)
+
+
+@pytest.mark.slow
+def test_simulator_as_the_model_reaches_most_goals(tmp_path):
+    cfg = PlanConfig(
+        out=str(tmp_path),
+        episodes=4,
+        arms=["simulator", "random"],
+        score="pixels",
+        goal_offset=6,
+        budget=20,
+        horizon=4,
+        population=24,
+        iterations=3,
+        elites=4,
+        videos=0,
+    )
+    report = run_plan(cfg, wm=_pixel_world_model(), progress=False)
+    assert report["arms"]["simulator"]["successes"] >= 3, report["arms"]
+    assert report["arms"]["simulator"]["success"] > report["arms"]["random"]["success"]
+
+
+def test_plan_smoke_on_a_tiny_model_writes_the_report(tiny_run, tmp_path):
+    out = tmp_path / "plan"
+    cfg = PlanConfig(
+        ckpt=str(tiny_run),
+        out=str(out),
+        episodes=2,
+        budget=3,
+        horizon=2,
+        population=6,
+        iterations=1,
+        elites=2,
+        videos=1,
+        baseline_episodes=1,
+    )
+    report = run_plan(cfg, progress=False)
+    assert set(report["arms"]) == {"model", "random", "simulator"}
+    assert report["arms"]["model"]["episodes"] == 2 and report["arms"]["simulator"]["episodes"] == 1
+    assert report["arms"]["model"]["imagined_frames_per_plan"] == 6 * 2
+    for name in ("report.json", "report.md", "arms.png", "episode_0000.mp4", "episodes/model_0001.json"):
+        assert (out / name).is_file(), name
+    assert "success" in (out / "report.md").read_text()
+    first = json.loads((out / "episodes/random_0000.json").read_text())
+    again = run_plan(cfg, progress=False)  # resumes: finished episodes are read back
+    assert again["arms"]["random"] == report["arms"]["random"]
+    assert json.loads((out / "episodes/random_0000.json").read_text()) == first
+
+
+def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_path):
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.heads import HeadsConfig, fit_heads
+
+    run = tmp_path / "run"
+    shutil.copytree(resolve_checkpoint(tiny_run), run / "checkpoints" / "step_00000003")
+    cfg = PlanConfig(
+        ckpt=str(run),
+        task="reward",
+        out=str(tmp_path / "p"),
+        episodes=1,
+        reward_steps=3,
+        horizon=2,
+        population=4,
+        iterations=1,
+        elites=2,
+        videos=0,
+        arms=["model", "random"],
+    )
+    with pytest.raises(UserError, match="sfw heads ckpt="):
+        run_plan(cfg, progress=False)
+    fit_heads(
+        HeadsConfig(ckpt=str(run), data=str(tiny_dataset), examples=40, steps=5, batch_size=8), progress=False
+    )
+    report = run_plan(cfg, progress=False)
+    assert report["arms"]["model"]["episodes"] == 1 and "return_mean" in report["arms"]["model"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"horizon": 0}, "horizon must be a positive integer"),
+        ({"population": -1}, "population must be a positive integer"),
+        ({"iterations": 0}, "iterations must be a positive integer"),
+        ({"elites": 9, "population": 8}, "elites"),
+        ({"task": "dance"}, "task must be one of"),
+        ({"planner": "grid"}, "planner must be one of"),
+        ({"task": "reward", "score": "pixels"}, "does not fit"),
+        ({"arms": ["oracle"]}, "arms must be"),
+        ({"out": "???"}, "out= is required"),
+    ],
+)
+def test_bad_settings_are_refused(overrides, message, tmp_path):
+    cfg = PlanConfig(**{"out": str(tmp_path), **overrides})
+    with pytest.raises(UserError, match=message):
+        cfg.check()
+
+
+def test_env_with_other_actions_is_refused_and_other_env_warns(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="action dimensions"):
+        run_plan(
+            PlanConfig(ckpt=str(tiny_run), env="dmc/cartpole-swingup", out=str(tmp_path)), progress=False
+        )
+    with pytest.warns(UserWarning, match="trained on dmc/reacher-easy"):
+        run_plan(
+            PlanConfig(
+                ckpt=str(tiny_run),
+                env="dmc/reacher-hard",
+                out=str(tmp_path),
+                episodes=1,
+                budget=1,
+                horizon=1,
+                population=2,
+                iterations=1,
+                elites=1,
+                arms=["random"],
+                videos=0,
+            ),
+            progress=False,
+        )
