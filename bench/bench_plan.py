@@ -1,0 +1,82 @@
+"""Goal-reaching success against planning cost, one row per planner setting, in one run.
+
+Runs ``sfw plan task=goal`` (the world model arm, and optionally the random and simulator arms) for
+each setting ``population x horizon x iterations`` on the same starts, and prints per setting the
+imagined frames and seconds per plan and the success rate with its 95 % Wilson interval. Results
+are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
+
+    python bench/bench_plan.py --ckpt reacher-easy --episodes 50
+    python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="reacher-easy")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument(
+        "--settings",
+        default="16x5x2,32x5x3,64x5x3",
+        help="population x horizon x iterations, comma-separated",
+    )
+    p.add_argument("--planner", default="cem")
+    p.add_argument("--score", default="features")
+    p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
+    p.add_argument("--sampler-steps", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench_plan")
+    args = p.parse_args()
+
+    import torch
+
+    from selfflow_world.plan import PlanConfig, run_plan
+    from selfflow_world.runtime import resolve_device
+    from selfflow_world.world_model import WorldModel
+
+    device = resolve_device(args.device)
+    wm = WorldModel.load(args.ckpt, device=device)
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); goal task, {args.planner}, "
+        f"score {args.score}, {args.episodes} episodes, {args.sampler_steps} sampler step(s)"
+    )
+    print("| setting (pop x horizon x iters) | arm | frames per plan | s per plan | success | 95% CI |")
+    print("|---|---|---|---|---|---|")
+    for setting in args.settings.split(","):
+        population, horizon, iterations = (int(v) for v in setting.lower().split("x"))
+        cfg = PlanConfig(
+            ckpt=args.ckpt,
+            planner=args.planner,
+            task="goal",
+            score=args.score,
+            episodes=args.episodes,
+            out=os.path.join(args.out, f"{args.score}_{setting}"),
+            arms=args.arms.split(","),
+            population=population,
+            horizon=horizon,
+            iterations=iterations,
+            elites=max(2, population // 8),
+            sampler_steps=args.sampler_steps,
+            videos=0,
+        )
+        report = run_plan(cfg, wm=wm, progress=False)
+        for arm, e in report["arms"].items():
+            frames = e.get("imagined_frames_per_plan", float("nan"))
+            seconds = e.get("seconds_per_plan", float("nan"))
+            print(
+                f"| {setting} | {arm} | {frames:.0f} | {seconds:.2f} | {e['success']:.0%} ({e['successes']}/{e['episodes']}) "
+                f"| [{e['success_low']:.0%}, {e['success_high']:.0%}] |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
