@@ -9,8 +9,10 @@
 # same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
 # episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/), runs/<name>/eval_test (the report
 # on the held-out episodes). Environment: SFW (default .venv/bin/sfw), WORKERS (collection
-# processes, default 2), OBJECTIVE (default selfflow), BATCH (default 16), EVAL_STEPS (sampler
-# steps per imagined frame in the evaluation, default 1).
+# processes, default 2), OBJECTIVE (default selfflow), BATCH (default 16), EXTRA (more sfw train
+# overrides, space-separated, e.g. "objective.t_one=1.0"), EVAL_STEPS (sampler steps per imagined
+# frame in the evaluation, default 1). The shipped reacher-easy model:
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh reacher-easy 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -24,7 +26,7 @@ BATCH="${BATCH:-16}"
 $SFW collect env="dmc/$NAME" episodes=200 steps=100 seed=0 workers="$WORKERS" out="data/$NAME"
 $SFW collect env="dmc/$NAME" episodes=20 steps=100 seed=1 workers="$WORKERS" out="data/${NAME}_test"
 $SFW train data="data/$NAME" out="runs/$NAME" model=small objective="$OBJECTIVE" steps="$STEPS" \
-    batch_size="$BATCH" resume=true val_every=500 ckpt_every=250 sample_every=2500
+    batch_size="$BATCH" resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
 $SFW eval ckpt="runs/$NAME" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
     out="runs/$NAME/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
 # the shipped-model directory (bf16 EMA weights, meta.json, MODEL_CARD.md with the figures above);

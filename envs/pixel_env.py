@@ -91,6 +91,12 @@ class _DMCBackend:
         self._observation = self.env.task.get_observation(self.env.physics)
 
     def close(self) -> None:
+        # Renderer.close frees its GL objects in whichever GL context is current: with several
+        # envs in one process, closing one without making its own context current first would
+        # free another env's objects (that env then renders wrong frames)
+        context = getattr(self.renderer, "_gl_context", None)
+        if context is not None:
+            context.make_current()
         self.renderer.close()
 
 

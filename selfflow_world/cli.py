@@ -8,6 +8,9 @@
     sfw imagine [key=value ...]                real | imagined | error videos (configs/imagine.yaml)
     sfw eval [key=value ...]                   consistency report vs the simulator (configs/eval.yaml)
     sfw demo [key=value ...]                   a shipped model next to the simulator (configs/demo.yaml)
+    sfw heads [key=value ...]                  reward/termination heads on a trained model (configs/heads.yaml)
+    sfw plan [key=value ...]                   plan in imagination, act in the simulator (configs/plan.yaml)
+    sfw rl [key=value ...]                     RL in imagination, evaluated in the simulator (configs/rl.yaml)
 
 Bad input prints one line ``sfw: error: ...`` and exits with status 2.
 """
@@ -168,6 +171,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rl(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.rl import RLConfig, run_rl
+
+    cfg = load_config("rl", args.overrides, RLConfig)
+    report = run_rl(cfg)
+    print(report["summary_text"])
+    print(f"policy, report, plots and video in {cfg.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from selfflow_world.config import load_config
     from selfflow_world.demo import DemoConfig, run_demo
@@ -197,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
             "reward/termination heads on a trained model (overrides of configs/heads.yaml)",
         ),
         ("plan", _cmd_plan, "plan in imagination, act in the simulator (overrides of configs/plan.yaml)"),
+        ("rl", _cmd_rl, "train an agent in imagination, evaluate it in the simulator (configs/rl.yaml)"),
         ("demo", _cmd_demo, "a shipped world model next to the simulator (overrides of configs/demo.yaml)"),
     ]:
         p = sub.add_parser(name, help=text)

@@ -232,7 +232,7 @@ def fit_heads(cfg: HeadsConfig, wm=None, progress: bool = True) -> dict[str, Any
         "shape": heads.shape,
         "config": asdict(cfg),
         "held_out": {"data": eval_data, "split": split, **figures},
-        "train": {"examples": int(len(rewards)), "final_loss": float(loss)},
+        "train": {"examples": int(len(rewards)), "final_loss": loss.item()},
     }
     save_heads(heads, meta, out)
     meta["written_to"] = str(out)

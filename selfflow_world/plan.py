@@ -602,7 +602,7 @@ def _starts(cfg: PlanConfig, env, history: int):
     for index in range(cfg.episodes):
         env_seed, _ = episode_seeds(cfg.seed + 7919, index)
         obs, _ = env.reset(seed=env_seed)
-        frames, acts, total = [obs], [np.zeros_like(zero)], 0.0
+        frames, acts, total = [obs], [zero], 0.0  # the reset frame: the normalised zero, as in training
         for _ in range(history - 1):
             obs, reward, *_ = env.step(zero)
             frames.append(obs)

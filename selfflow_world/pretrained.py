@@ -25,6 +25,10 @@ MODELS_DIR = Path(__file__).parent / "models"
 HOW_TO_MAKE = (
     "bash bench/train_default.sh {name}  # collects, trains and evaluates it (see its MODEL_CARD.md)"
 )
+# how the shipped models were trained, where it differs from train_default.sh's defaults
+RECIPES = {
+    "reacher-easy": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh reacher-easy 5000'
+}
 
 
 def available() -> list[str]:
@@ -95,7 +99,7 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str) -> str
     lines = [
         f"# {name}",
         "",
-        f"A `{cfg.get('model', {}).get('preset', '?')}` Self-Flow world model of `{meta.get('env')}` "
+        f"A `{cfg.get('model', {}).get('preset', '?')}` world model ({obj.get('mode')} objective) of `{meta.get('env')}` "
         f"({meta['model_config']['image_size']}x{meta['model_config']['image_size']} frames), "
         f'EMA weights in bf16. Load it with `WorldModel.load("{name}")` or `ckpt={name}`.',
         "",
@@ -103,11 +107,11 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str) -> str
         "|---|---|",
         f"| data | `sfw collect env={meta.get('env')}` (render {meta.get('render', {})}); "
         f"{cfg.get('history')} context + {cfg.get('future')} target frames per clip |",
-        f"| training | {meta.get('step')} steps, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, objective "
+        f"| training | {meta.get('step')} of {cfg.get('steps')} scheduled steps, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, objective "
         f"{obj.get('mode')} (weighting {obj.get('weighting')}, t_one {obj.get('t_one')}) |",
         f"| hardware | {hardware} |",
         f"| training time | {wall / 60:.0f} min |" if wall else "| training time | see the run's log |",
-        f"| reproduce | `{HOW_TO_MAKE.format(name=name)}` |",
+        f"| reproduce | `{RECIPES.get(name, HOW_TO_MAKE.format(name=name))}` |",
     ]
     if report:
         picks = [h for h in (1, 8, 16) if h <= report["horizon"]]

@@ -73,3 +73,17 @@ def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
     ]
     Trainer(load_config("train", overrides, TrainConfig)).fit()
     return out
+
+
+@pytest.fixture(scope="session")
+def heads_run(tiny_run, tiny_dataset, tmp_path_factory) -> Path:
+    """A copy of ``tiny_run`` with reward/termination heads fitted on it (a few steps; read-only)."""
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.heads import HeadsConfig, fit_heads
+
+    run = tmp_path_factory.mktemp("heads") / "run"
+    shutil.copytree(resolve_checkpoint(tiny_run), run / "checkpoints" / "step_00000003")
+    fit_heads(
+        HeadsConfig(ckpt=str(run), data=str(tiny_dataset), examples=40, steps=5, batch_size=8), progress=False
+    )
+    return run

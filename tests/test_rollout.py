@@ -162,7 +162,8 @@ def test_world_model_start_step_matches_imagine(tiny_run):
     state, g = wm.start(ctx), torch.Generator().manual_seed(0)
     stepped = np.stack([wm.step(state, acts[:, j], steps=2, generator=g) for j in range(3)], 1)
     assert stepped.dtype == np.uint8 and np.array_equal(stepped, imagined)
-    frame, feats = wm.step(state.repeat(2), np.zeros((4, 2), np.float32), features=True)
+    out = wm.step(state.repeat(2), np.zeros((4, 2), np.float32), features=True)
+    frame, feats = out.frames, out.features
     assert frame.shape == (4, 16, 16, 3) and feats.shape == (4, wm.config.tokens_per_frame, wm.config.width)
     assert np.allclose(wm.denormalize_actions(wm.normalize_actions(torch.ones(2))).numpy(), 1.0)
     with pytest.raises(UserError, match=r"\(B=2, A=2\) in env units"):

@@ -1,0 +1,484 @@
+"""``sfw rl``: train an agent in the world model's imagination, evaluate it in the real simulator.
+
+A stable-baselines3 agent (PPO or SAC) learns inside a :class:`~selfflow_world.envs.dream.DreamVecEnv`:
+``envs`` imagined episodes stepped in one batched model call per step, rewards and terminations from
+the model's heads (``sfw heads``), episodes of ``horizon`` agent steps from real-env starts (or a
+dataset's windows, ``start=DATASET``). The policy is saved to ``out/policy.zip``, with TensorBoard
+curves under ``out/tb`` (``rollout/ep_rew_mean`` is the imagined return).
+
+Then it acts in the real env. Its observation there is the one it was trained on, computed from the
+real frames by :meth:`~selfflow_world.envs.dream.DreamEnv.observe_real`: with
+``observation=features``, :meth:`~selfflow_world.world_model.WorldModel.clip_features` of the last
+``history + 1`` real frames and their actions (the model's features of the newest real frame given
+the frames before it, mean-pooled over tokens: what the dream env computes for an imagined frame),
+not a rollout state fed with real frames, so nothing imagined enters the real episode. Each
+evaluation episode starts as a dream episode does (the env reset with the episode's seed, then
+``history - 1`` mid-range actions) and runs ``horizon`` agent steps (or until the env ends it);
+returns count the rewards of those steps. Arms on the same seeds: ``policy`` (deterministic
+actions) and ``random`` (uniform random actions). Beside each real return stands the imagined
+return of the same arm from the same start (the dream env reset with the same seed; the random arm
+replays the same action sequence there), so the reward model's bias shows. Means come with 95%
+t intervals (:func:`~selfflow_world.metrics.mean_ci`).
+
+Written to ``out``: ``policy.zip``, ``tb/``, ``report.json``, ``report.md``, ``returns.png`` and
+``episode_0000.gif``/``.mp4`` (the policy in the real env beside its imagined episode from the
+same start).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfflow_world.errors import UserError, check_positive
+
+ALGOS = ("ppo", "sac")
+NETWORKS = {"mlp": "MlpPolicy", "cnn": "CnnPolicy"}  # SB3 policy classes
+EVAL_SEED_OFFSET = 7919  # evaluation starts: env seeds of fresh episodes, as sfw plan draws them
+
+
+@dataclass
+class RLConfig:
+    """Settings of ``sfw rl`` (documented in configs/rl.yaml)."""
+
+    ckpt: str = "reacher-easy"
+    algo: str = "ppo"
+    steps: int = 100_000  # agent steps in imagination (all envs together)
+    envs: int = 64
+    horizon: int = 50
+    observation: str = "features"
+    network: str = "auto"  # mlp (SB3's MlpPolicy) for features, cnn (CnnPolicy) for frames
+    start: str = "env"
+    sampler_steps: int = 1
+    lr: float = 0.0003
+    gamma: float = 0.99
+    batch_size: int = 256
+    n_steps: int = 32  # PPO: steps per env per rollout
+    n_epochs: int = 10  # PPO
+    buffer_size: int = 100_000  # SAC
+    learning_starts: int = 1000  # SAC
+    gradient_steps: int = 1  # SAC: per vec-env step
+    eval_episodes: int = 5
+    videos: int = 1
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = True
+    out: str = "???"
+
+    def check(self) -> None:
+        if self.out in ("???", "", None):
+            raise UserError("out= is required (e.g. sfw rl ckpt=reacher-easy algo=ppo steps=20000 out=DIR)")
+        if self.algo not in ALGOS:
+            raise UserError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.network not in ("auto", *NETWORKS):
+            raise UserError(f"network must be auto, mlp or cnn, got {self.network!r}")
+        from selfflow_world.envs.dream import OBSERVATIONS
+
+        if self.observation not in OBSERVATIONS:
+            raise UserError(f"observation must be one of {OBSERVATIONS}, got {self.observation!r}")
+        for name in (
+            "steps",
+            "envs",
+            "horizon",
+            "batch_size",
+            "n_steps",
+            "n_epochs",
+            "buffer_size",
+            "eval_episodes",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("learning_starts", "gradient_steps", "videos"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+        if not 1 <= self.sampler_steps <= 50:
+            raise UserError(f"sampler_steps must be in [1, 50], got {self.sampler_steps}")
+        check_positive("lr", self.lr)
+        if not 0 < self.gamma <= 1:
+            raise UserError(f"gamma must be in (0, 1], got {self.gamma}")
+
+    @property
+    def resolved_policy(self) -> str:
+        """The SB3 policy class name."""
+        if self.network != "auto":
+            return NETWORKS[self.network]
+        return "MlpPolicy" if self.observation == "features" else "CnnPolicy"
+
+
+def eval_seeds(cfg: RLConfig) -> list[int]:
+    """Env seeds of the evaluation episodes (fresh episodes: not the training data's seeds)."""
+    from selfflow_world.envs.collect import episode_seeds
+
+    return [episode_seeds(cfg.seed + EVAL_SEED_OFFSET, i)[0] for i in range(cfg.eval_episodes)]
+
+
+def _progress_callback(total: int, desc: str, progress: bool):
+    """A callback with a tqdm bar over agent steps that also records the imagined episodes."""
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Progress(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.bar = None
+            self.episodes: list[tuple[int, float]] = []  # (agent steps so far, imagined return)
+
+        def _on_training_start(self) -> None:
+            if progress:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="step")
+
+        def _on_step(self) -> bool:
+            for info in self.locals.get("infos", []):
+                if "episode" in info:
+                    self.episodes.append((int(self.num_timesteps), float(info["episode"]["r"])))
+            if self.bar is not None:
+                self.bar.update(self.training_env.num_envs)
+                if self.episodes:
+                    recent = [r for _, r in self.episodes[-100:]]
+                    self.bar.set_postfix_str(f"imagined return {np.mean(recent):.2f}")
+            return True
+
+        def _on_training_end(self) -> None:
+            if self.bar is not None:
+                self.bar.close()
+
+    return Progress()
+
+
+def make_agent(cfg: RLConfig, venv, out: Path):
+    """The SB3 agent of ``cfg`` on ``venv`` (MLP policies on the CPU, where SB3 runs them best)."""
+    from stable_baselines3 import PPO, SAC
+
+    from selfflow_world.runtime import resolve_device
+
+    policy = cfg.resolved_policy
+    device = "cpu" if policy == "MlpPolicy" else resolve_device(cfg.device)
+    common = {
+        "learning_rate": cfg.lr,
+        "gamma": cfg.gamma,
+        "seed": cfg.seed,
+        "device": device,
+        "verbose": 0,
+        "tensorboard_log": str(out / "tb") if cfg.tensorboard else None,
+    }
+    if cfg.algo == "ppo":
+        rollout = cfg.n_steps * venv.num_envs
+        return PPO(
+            policy,
+            venv,
+            n_steps=cfg.n_steps,
+            batch_size=min(cfg.batch_size, rollout),
+            n_epochs=cfg.n_epochs,
+            **common,
+        )
+    return SAC(
+        policy,
+        venv,
+        batch_size=cfg.batch_size,
+        buffer_size=cfg.buffer_size,
+        learning_starts=cfg.learning_starts,
+        gradient_steps=cfg.gradient_steps,
+        **common,
+    )
+
+
+def real_episode(env, dream, act, seed: int, steps: int) -> dict[str, Any]:
+    """One episode in the real env from the dream envs' start for ``seed``: ``act(obs, t)`` gives
+    the action from the observation the dream env would give for the real frames so far. Returns
+    the return, the steps taken and the real frames (context included)."""
+    from selfflow_world.envs.dream import env_context
+
+    frames, actions = env_context(env, seed, dream.wm.history)
+    frames, actions = list(frames), list(actions)
+    total, taken = 0.0, 0
+    for t in range(steps):
+        obs = dream.observe_real(
+            np.stack(frames[-dream.wm.history - 1 :]), np.stack(actions[-dream.wm.history - 1 :])
+        )
+        action = np.clip(np.asarray(act(obs, t), np.float32), env.action_space.low, env.action_space.high)
+        frame, reward, terminated, truncated, _ = env.step(action)
+        frames.append(frame)
+        actions.append(action)
+        total += float(reward)
+        taken += 1
+        if terminated or truncated:
+            break
+    return {"return": total, "steps": taken, "frames": np.stack(frames)}
+
+
+def dream_episode(dream, act, seed: int) -> dict[str, Any]:
+    """One imagined episode of ``dream`` (a :class:`DreamEnv`) reset with ``seed``."""
+    obs, _ = dream.reset(seed=seed)
+    frames = [dream.render().copy()]
+    total, taken, done = 0.0, 0, False
+    while not done:
+        obs, reward, terminated, truncated, _ = dream.step(act(obs, taken))
+        frames.append(dream.render().copy())
+        total += float(reward)
+        taken += 1
+        done = terminated or truncated
+    return {"return": total, "steps": taken, "frames": np.stack(frames)}
+
+
+def evaluate(cfg: RLConfig, agent, wm, out: Path) -> tuple[dict[str, Any], list[str]]:
+    """Policy and random arms in the real env and in imagination over the same seeds; the video of
+    the first ``cfg.videos`` policy episodes."""
+    from selfflow_world.envs import make
+    from selfflow_world.envs.dream import DreamEnv, close_env
+    from selfflow_world.video import label, write_video
+
+    render = wm.meta.get("render", {})
+    env_name = wm.meta.get("env")
+    if not env_name:
+        raise UserError(
+            f"the model {cfg.ckpt} does not say which env it was trained on; it cannot be evaluated"
+        )
+    env = make(
+        env_name,
+        size=wm.config.image_size,
+        camera=render.get("camera"),
+        action_repeat=render.get("action_repeat"),
+    )
+    dream = DreamEnv(
+        wm, horizon=cfg.horizon, steps=cfg.sampler_steps, start="env", observation=cfg.observation
+    )
+    low, high = env.action_space.low, env.action_space.high
+
+    def policy(obs, t):
+        return agent.predict(obs, deterministic=True)[0]
+
+    rows: dict[str, list[dict[str, Any]]] = {"policy": [], "random": []}
+    videos: list[str] = []
+    try:
+        for number, seed in enumerate(eval_seeds(cfg)):
+            plan = np.random.default_rng([cfg.seed, seed]).uniform(low, high, (cfg.horizon, len(low)))
+            randomly = lambda obs, t, plan=plan: plan[t].astype(np.float32)  # noqa: E731
+            for arm, act in (("policy", policy), ("random", randomly)):
+                real = real_episode(env, dream, act, seed, cfg.horizon)
+                imagined = dream_episode(dream, act, seed)
+                rows[arm].append(
+                    {
+                        "episode": number,
+                        "env_seed": int(seed),
+                        "return": real["return"],
+                        "steps": real["steps"],
+                        "imagined_return": imagined["return"],
+                        "imagined_steps": imagined["steps"],
+                    }
+                )
+                if arm == "policy" and number < cfg.videos:
+                    videos += _video(
+                        real["frames"], imagined["frames"], out / f"episode_{number:04d}", label, write_video
+                    )
+    finally:
+        dream.close()
+        close_env(env)
+    return rows, videos
+
+
+def _video(real: np.ndarray, imagined: np.ndarray, path: Path, label, write_video) -> list[str]:
+    """real | imagined, from the same start, scaled up to at least 128 pixels."""
+    length = max(len(real), len(imagined))
+    real = np.concatenate([real, np.repeat(real[-1:], length - len(real), 0)])
+    imagined = np.concatenate([imagined, np.repeat(imagined[-1:], length - len(imagined), 0)])
+    scale = max(1, math.ceil(128 / real.shape[1]))
+    panels = [
+        label(frames.repeat(scale, 1).repeat(scale, 2), text)
+        for frames, text in ((real, "real env"), (imagined, "imagined"))
+    ]
+    return [str(f) for f in write_video(path, np.concatenate(panels, axis=2), fps=8)]
+
+
+def summarise(cfg: RLConfig, rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm: real and imagined mean returns with 95% t intervals."""
+    from selfflow_world.metrics import mean_ci
+
+    arms = {}
+    for arm, episodes in rows.items():
+        real = mean_ci([e["return"] for e in episodes])
+        imagined = mean_ci([e["imagined_return"] for e in episodes])
+        arms[arm] = {
+            "episodes": len(episodes),
+            "return_mean": real[0],
+            "return_low": real[1],
+            "return_high": real[2],
+            "imagined_return_mean": imagined[0],
+            "imagined_return_low": imagined[1],
+            "imagined_return_high": imagined[2],
+            "steps_mean": float(np.mean([e["steps"] for e in episodes])),
+            "per_episode": episodes,
+        }
+    return arms
+
+
+def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
+    """Train in imagination, save the policy, evaluate in the real env; writes the report."""
+    from selfflow_world.envs.dream import DreamVecEnv
+    from selfflow_world.heads import missing_heads_message
+    from selfflow_world.runtime import resolve_device
+    from selfflow_world.world_model import WorldModel
+
+    cfg.check()
+    if wm is None:
+        wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
+    if wm.heads is None:
+        raise UserError(missing_heads_message(cfg.ckpt))
+    if cfg.resolved_policy == "CnnPolicy" and cfg.observation != "frames":
+        raise UserError("network=cnn needs observation=frames (features are a vector: network=mlp)")
+    if cfg.resolved_policy == "CnnPolicy" and wm.config.image_size < 36:
+        raise UserError(
+            f"CnnPolicy needs frames of at least 36x36 pixels, the model's are {wm.config.image_size}; "
+            "use observation=features or network=mlp"
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    venv = DreamVecEnv(
+        wm,
+        cfg.envs,
+        horizon=cfg.horizon,
+        steps=cfg.sampler_steps,
+        start=cfg.start,
+        observation=cfg.observation,
+        seed=cfg.seed,
+    )
+    try:
+        agent = make_agent(cfg, venv, out)
+        callback = _progress_callback(cfg.steps, f"rl {cfg.algo} in imagination", progress)
+        t0 = time.perf_counter()
+        agent.learn(total_timesteps=cfg.steps, callback=callback, tb_log_name=cfg.algo)
+        seconds = time.perf_counter() - t0
+    finally:
+        venv.close()  # before the evaluation's envs exist (see dream.close_env)
+    agent.save(out / "policy")
+    episodes = callback.episodes
+    recent = [r for _, r in episodes[-100:]]
+    training = {
+        "agent_steps": int(agent.num_timesteps),
+        "seconds": seconds,
+        "steps_per_s": agent.num_timesteps / seconds if seconds > 0 else math.nan,
+        "imagined_episodes": len(episodes),
+        "imagined_return_last_100": float(np.mean(recent)) if recent else None,
+        "imagined_return_first_100": float(np.mean([r for _, r in episodes[:100]])) if episodes else None,
+        "curve": episodes[:: max(1, len(episodes) // 200)],
+    }
+    rows, videos = evaluate(cfg, agent, wm, out)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
+    settings["policy"] = cfg.resolved_policy
+    report = {
+        "env": wm.meta.get("env"),
+        "model": str(cfg.ckpt),
+        "history": wm.history,
+        "settings": settings,
+        "training": training,
+        "arms": summarise(cfg, rows),
+        "policy_file": str(out / "policy.zip"),
+        "tensorboard": str(out / "tb") if cfg.tensorboard else None,
+        "videos": videos,
+    }
+    report["plots"] = write_rl_plots(report, out)
+    report["summary_text"] = rl_summary(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(rl_markdown(report))
+    return report
+
+
+def _ci(mean: float, low: float, high: float) -> str:
+    if math.isnan(low):
+        return f"{mean:.2f}"
+    return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def rl_summary(report: dict) -> str:
+    s, t = report["settings"], report["training"]
+    lines = [
+        f"{s['algo']} ({s['policy']} on {s['observation']}) trained {t['agent_steps']} steps in imagination "
+        f"({s['envs']} envs, horizon {s['horizon']}) in {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s); "
+        f"evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of {s['horizon']} steps "
+        f"in {report['env']}:"
+    ]
+    for arm, e in report["arms"].items():
+        lines.append(
+            f"  {arm:<7} real return {_ci(e['return_mean'], e['return_low'], e['return_high'])}, "
+            f"imagined {_ci(e['imagined_return_mean'], e['imagined_return_low'], e['imagined_return_high'])}"
+        )
+    return "\n".join(lines)
+
+
+def rl_markdown(report: dict) -> str:
+    s, t = report["settings"], report["training"]
+    lines = [
+        f"# RL in imagination: {s['algo']} in {report['env']}",
+        "",
+        f"Model {report['model']}; {s['algo']} with {s['policy']} on {s['observation']}, {t['agent_steps']} agent "
+        f"steps in {s['envs']} dream envs (horizon {s['horizon']}, {s['sampler_steps']} sampler step(s), starts: "
+        f"{s['start']}), {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s), {t['imagined_episodes']} imagined "
+        f"episodes, seed {s['seed']}.",
+        "",
+        "Evaluation: the same seeds for every arm; each episode starts from the env's reset and "
+        f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {s['horizon']} agent steps. "
+        "Imagined: the same arm in the dream env from the same start.",
+        "",
+        "| arm | episodes | real return | 95% CI | imagined return | 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, e in report["arms"].items():
+        lines.append(
+            f"| {arm} | {e['episodes']} | {e['return_mean']:.2f} | [{e['return_low']:.2f}, {e['return_high']:.2f}] | "
+            f"{e['imagined_return_mean']:.2f} | [{e['imagined_return_low']:.2f}, {e['imagined_return_high']:.2f}] |"
+        )
+    if t["imagined_return_last_100"] is not None:
+        lines += [
+            "",
+            f"Imagined return in training: {t['imagined_return_first_100']:.2f} over the first 100 episodes, "
+            f"{t['imagined_return_last_100']:.2f} over the last 100.",
+        ]
+    files = ["policy.zip"] + [Path(v).name for v in report.get("videos", [])] + report.get("plots", [])
+    lines += ["", "Files: " + ", ".join(files) + (", tb/ (TensorBoard)" if report.get("tensorboard") else "")]
+    return "\n".join(lines) + "\n"
+
+
+def write_rl_plots(report: dict, out: Path) -> list[str]:
+    """``returns.png``: real and imagined returns per arm (95% CI), and the imagined training curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, curve) = plt.subplots(1, 2, figsize=(9, 3.2))
+    arms = list(report["arms"])
+    x = np.arange(len(arms))
+    for offset, key, name, color in (
+        (-0.2, "return", "real", "tab:blue"),
+        (0.2, "imagined_return", "imagined", "tab:orange"),
+    ):
+        vals, err = [], [[], []]
+        for arm in arms:
+            e = report["arms"][arm]
+            mean = e[f"{key}_mean"]
+            vals.append(mean)
+            for side, bound in enumerate((e[f"{key}_low"], e[f"{key}_high"])):
+                err[side].append(0.0 if math.isnan(bound) else abs(bound - mean))
+        bars.bar(x + offset, vals, width=0.4, yerr=err, capsize=4, color=color, label=name)
+    bars.set_xticks(x, arms)
+    bars.set_ylabel("episode return")
+    bars.set_title(f"evaluation (95% CI), {report['settings']['horizon']} steps")
+    bars.legend()
+    points = report["training"]["curve"]
+    if points:
+        curve.plot([p[0] for p in points], [p[1] for p in points], ".", alpha=0.4, color="tab:orange")
+    curve.set_xlabel("agent steps")
+    curve.set_ylabel("imagined episode return")
+    curve.set_title("training in imagination")
+    fig.tight_layout()
+    fig.savefig(out / "returns.png", dpi=120)
+    plt.close(fig)
+    return ["returns.png"]
