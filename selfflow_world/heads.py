@@ -50,6 +50,10 @@ class Heads(nn.Module):
         )
         self.register_buffer("reward_mean", torch.zeros(()))
         self.register_buffer("reward_std", torch.ones(()))
+        # the range of the recorded rewards: predictions are clamped to it, so frames unlike the
+        # training data (a drifted imagined frame) cannot produce rewards the env never gives
+        self.register_buffer("reward_low", torch.tensor(-float("inf")))
+        self.register_buffer("reward_high", torch.tensor(float("inf")))
         self.shape = {"width": width, "tokens": tokens, "channels": channels, "hidden": hidden}
 
     def raw(self, features: Tensor) -> Tensor:
@@ -60,7 +64,8 @@ class Heads(nn.Module):
     def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
         """Reward in env units and the termination probability, each ``(B,)`` float32."""
         out = self.raw(features).float()
-        return out[:, 0] * self.reward_std + self.reward_mean, torch.sigmoid(out[:, 1])
+        reward = (out[:, 0] * self.reward_std + self.reward_mean).clamp(self.reward_low, self.reward_high)
+        return reward, torch.sigmoid(out[:, 1])
 
 
 @dataclass
@@ -202,6 +207,8 @@ def fit_heads(cfg: HeadsConfig, wm=None, progress: bool = True) -> dict[str, Any
     mean, std = float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 1.0
     heads.reward_mean.fill_(mean)
     heads.reward_std.fill_(std if std > 1e-6 else 1.0)
+    heads.reward_low.fill_(float(rewards.min()))
+    heads.reward_high.fill_(float(rewards.max()))
     target = (rewards - mean) / float(heads.reward_std)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -230,6 +237,7 @@ def fit_heads(cfg: HeadsConfig, wm=None, progress: bool = True) -> dict[str, Any
     meta = {
         "layer": layer,
         "shape": heads.shape,
+        "reward_range": [float(heads.reward_low), float(heads.reward_high)],
         "config": asdict(cfg),
         "held_out": {"data": eval_data, "split": split, **figures},
         "train": {"examples": int(len(rewards)), "final_loss": loss.item()},
@@ -265,7 +273,10 @@ def load_heads(ckpt: Path, width: int, tokens: int) -> tuple[Heads, dict[str, An
             f"tokens, this model has {width} x {tokens}; rerun sfw heads for it"
         )
     heads = Heads(**shape)
-    heads.load_state_dict(load_file(str(ckpt / HEADS_FILE)))
+    state = load_file(str(ckpt / HEADS_FILE))
+    missing, unexpected = heads.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"reward_low", "reward_high"}:  # heads from before the clamp lack those
+        raise UserError(f"{ckpt / HEADS_FILE} does not hold heads of this version; rerun sfw heads")
     return heads.eval(), meta
 
 

@@ -73,3 +73,12 @@ def test_demo_bad_input_is_refused(shipped, tmp_path, capsys):
         assert match in capsys.readouterr().err
     assert main(["demo", "ckpt=no-such-model", f"out={tmp_path / 'd'}"]) == 2
     assert "train_default.sh no-such-model" in capsys.readouterr().err
+
+
+def test_shipped_models_are_small_and_carry_their_heads():
+    for name in pretrained.available():
+        folder = pretrained.model_dir(name)
+        assert (folder / "weights.safetensors").stat().st_size <= 12 * 2**20, name
+        assert (folder / "MODEL_CARD.md").is_file(), name
+        wm = WorldModel.load(name)
+        assert wm.heads is not None, f"{name} ships without reward heads (sfw heads)"
