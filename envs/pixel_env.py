@@ -197,14 +197,7 @@ class PixelEnv(gym.Env):
             raise UserError(
                 f"{self.name}: action has shape {action.shape}, expected {self.action_space.shape}"
             )
-        action = np.clip(action, self.action_space.low, self.action_space.high)
-        total, terminated, truncated = 0.0, False, False
-        for _ in range(self.action_repeat):
-            reward, terminated, truncated = self._backend.step(action)
-            total += reward
-            if terminated or truncated:
-                break
-        self._needs_reset = terminated or truncated
+        total, terminated, truncated = self.simulate(action)
         return self._observe(), total, terminated, truncated, self._info()
 
     def render(self) -> np.ndarray:

@@ -95,26 +95,14 @@ def transition_features(wm, data: str, split: str, limit: int, layer: int, seed:
     for an imagined frame. Returns bf16 features ``(N, L, D)``, float32 rewards ``(N,)`` and float32
     terminated flags ``(N,)``.
     """
-    from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
+    from selfflow_world.clips import per_frame
     from selfflow_world.episodes import load_episode
+    from selfflow_world.imagine import model_clips
     from selfflow_world.model import shift_frames
     from selfflow_world.video import to_float
 
-    train_cfg = wm.meta.get("config", {})
     history = wm.history
-    spec = ClipSpec(
-        history=history,
-        future=1,
-        val_fraction=train_cfg.get("val_fraction", 0.1),
-        split_seed=train_cfg.get("seed", 0),
-    )
-    dataset = ClipDataset(data, spec, split)
-    size = wm.config.image_size
-    if dataset.frame_shape != (size, size, 3) or dataset.action_dim != wm.config.action_dim:
-        raise UserError(
-            f"dataset {data} has frames {dataset.frame_shape} and action dim {dataset.action_dim}; the model "
-            f"expects ({size}, {size}, 3) and {wm.config.action_dim}"
-        )
+    dataset = model_clips(wm, data, split, history)
     pairs = [(info, k) for info in dataset.episodes for k in range(history - 1, info.steps)]
     if not pairs:
         raise UserError(f"the {split} split of {data} has no transition after {history} frames")

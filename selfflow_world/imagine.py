@@ -81,16 +81,11 @@ class Segments:
     split: str
 
 
-def load_segments(
-    wm, data: str, split: str, count: int, history: int, horizon: int, per_episode: int = 1, min_rows: int = 1
-) -> Segments:
-    """Up to ``count`` rollouts of ``history + T`` frames, ``T = min(horizon, shortest fit)``.
-
-    Takes up to ``per_episode`` non-overlapping segments from each episode of ``split``. If that gives
-    fewer than ``min_rows`` rollouts, falls back to all episodes (``Segments.split`` says which).
-    """
+def model_clips(wm, data: str, split: str, history: int):
+    """The ``split`` of dataset ``data`` cut as the model's training cut it (its validation share
+    and split seed), as a :class:`~selfflow_world.clips.ClipDataset` of ``history + 1`` frame clips;
+    refuses a dataset whose frames or action dimension do not match the model."""
     from selfflow_world.clips import ClipDataset, ClipSpec
-    from selfflow_world.episodes import load_episode
 
     train_cfg = wm.meta.get("config", {})
     spec = ClipSpec(
@@ -106,6 +101,20 @@ def load_segments(
             f"dataset {data} has frames {dataset.frame_shape} and action dim {dataset.action_dim}; the model "
             f"expects ({size}, {size}, 3) and {dim}"
         )
+    return dataset
+
+
+def load_segments(
+    wm, data: str, split: str, count: int, history: int, horizon: int, per_episode: int = 1, min_rows: int = 1
+) -> Segments:
+    """Up to ``count`` rollouts of ``history + T`` frames, ``T = min(horizon, shortest fit)``.
+
+    Takes up to ``per_episode`` non-overlapping segments from each episode of ``split``. If that gives
+    fewer than ``min_rows`` rollouts, falls back to all episodes (``Segments.split`` says which).
+    """
+    from selfflow_world.episodes import load_episode
+
+    dataset = model_clips(wm, data, split, history)
     infos = [i for i in dataset.episodes if i.steps + 1 > history]
     if not infos:
         raise UserError(

@@ -502,58 +502,37 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                 if bar:
                     bar.update()
                 continue
+            goal = stop = None
             if cfg.task == "goal":
-                goal_t = to_float(start.goal_frame[None])[0]
-                goal = (
-                    wm.clip_features(to_float(np.stack([start.goal_frame] * (history + 1))[None]))[0]
-                    if score == "features"
-                    else goal_t
-                )
-                scorer = (
-                    ModelScorer(wm, score, cfg.sampler_steps, gen, goal)
-                    if arm == "model"
-                    else SimulatorScorer(sim_env, wm, score, goal)
-                    if arm == "simulator"
-                    else None
-                )
-                res = control(
-                    cfg,
-                    env,
-                    wm,
-                    arm,
-                    scorer,
-                    start.context,
-                    start.context_actions,
-                    start.start,
-                    start.env_seed,
-                    cfg.budget,
-                    stop=lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance),
-                    video=want_video,
-                )
+                goal = to_float(start.goal_frame[None])[0]
+                if score == "features":
+                    goal = wm.clip_features(to_float(np.stack([start.goal_frame] * (history + 1))[None]))[0]
+                stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
+            scorer = None  # random actions need none
+            if arm == "model":
+                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal)
+            elif arm == "simulator":
+                scorer = SimulatorScorer(sim_env, wm, score, goal)
+            steps = cfg.budget if cfg.task == "goal" else cfg.reward_steps or 10**9
+            res = control(
+                cfg,
+                env,
+                wm,
+                arm,
+                scorer,
+                start.context,
+                start.context_actions,
+                start.start,
+                start.env_seed,
+                steps,
+                stop=stop,
+                video=want_video,
+            )
+            if cfg.task == "goal":
                 res["final_joint_distance"] = joint_distance(
                     env_name, env.get_physics_state(), start.goal
                 ).tolist()
             else:
-                scorer = (
-                    ModelScorer(wm, score, cfg.sampler_steps, gen)
-                    if arm == "model"
-                    else SimulatorScorer(sim_env, wm, score)
-                    if arm == "simulator"
-                    else None
-                )
-                res = control(
-                    cfg,
-                    env,
-                    wm,
-                    arm,
-                    scorer,
-                    start.context,
-                    start.context_actions,
-                    start.start,
-                    start.env_seed,
-                    cfg.reward_steps or 10**9,
-                    video=want_video,
-                )
                 res["return"] += start.reward_before
             res.update(episode=number, env_seed=start.env_seed, arm=arm)
             if "_video" in res:
