@@ -713,7 +713,7 @@ def write_plan_plots(report: dict, out: Path) -> list[str]:
     else:
         ax.set_ylabel("episode return")
     ax.bar(arms, vals, yerr=err, capsize=4, color=["tab:blue", "tab:gray", "tab:green"][: len(arms)])
-    ax.set_title(f"{report['task']} in {report['env']} (95% CI)")
+    ax.set_title(f"{report['task']} in {report['env']}, score {report['score']} (95% CI)")
     fig.tight_layout()
     fig.savefig(out / "arms.png", dpi=120)
     plt.close(fig)
