@@ -27,9 +27,12 @@ class EnvDefaults:
 
 # dm_control: action repeats follow common pixel-control practice (PlaNet/Dreamer): 8 for cartpole,
 # 4 for reacher, cheetah and ball_in_cup, 2 for finger and walker.
+# cartpole: camera 1 ("lookatcart") turns to follow the cart, whose position shows in the rail and
+# floor. The fixed camera 0 sees about |x| < 1.6 of the +-1.8 rail at 64x64, and exploration noise
+# (uniform or pink, 100 steps at repeat 8) keeps the cart beyond that in 33-42% of frames.
 _DMC_DEFAULTS: dict[str, EnvDefaults] = {
     "reacher": EnvDefaults(camera=0, action_repeat=4),
-    "cartpole": EnvDefaults(camera=0, action_repeat=8),
+    "cartpole": EnvDefaults(camera=1, action_repeat=8),
     "cheetah": EnvDefaults(camera=0, action_repeat=4),
     "ball_in_cup": EnvDefaults(camera=0, action_repeat=4),
     "finger": EnvDefaults(camera=0, action_repeat=2),

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,10 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep: int = 3,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write one checkpoint atomically and prune older ones beyond ``keep``."""
+    """Write one checkpoint atomically and prune older ones beyond ``keep``; ``extra(directory)``
+    writes more files into it before it is renamed into place."""
     root = Path(run) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -99,6 +102,8 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "weights.safetensors"))
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, sort_keys=True, default=str))
+    if extra is not None:
+        extra(tmp)
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())

@@ -241,8 +241,13 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
     low = np.asarray(manifest["action_low"], np.float32)
     high = np.asarray(manifest["action_high"], np.float32)
     alternatives = alternative_actions(fut_act, low, high, cfg.seed)
+    predicted_rewards = None
+    if wm.heads is not None:  # the same frames as imagine(), with the heads' rewards along them
+        model_video, predicted_rewards = cfg.imagine_rewards(wm, ctx, fut_act, ctx_act)
+    else:
+        model_video = imagine(wm, fut_act)
     videos = {
-        "model": imagine(wm, fut_act),
+        "model": model_video,
         "copy_last": np.repeat(ctx[:, -1:], horizon, axis=1),
         "untrained": imagine(untrained, fut_act),
     }
@@ -264,6 +269,8 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
         "level": cfg.level,
     }
     report["history_use"] = motion_use(wm, ctx, ctx_act, fut_act, real, cfg.seed)
+    if predicted_rewards is not None:
+        report["heads"] = heads_report(wm, cfg, predicted_rewards, seg.rewards)
     psnr_all = {k: psnr_per_horizon(real_t, v) for k, v in videos_t.items()}
     ssim_all = {k: ssim_per_horizon(real_t, v) for k, v in videos_t.items()}
     report["psnr"] = {
@@ -411,6 +418,33 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
     return report
 
 
+def heads_report(wm, cfg: EvalConfig, predicted: np.ndarray, recorded: np.ndarray) -> dict:
+    """Accuracy of the reward/termination heads on the evaluated episodes: along the imagined
+    rollouts (predicted reward against the one recorded at the same step, per horizon) and on the
+    recorded frames themselves (features of real frames, what the heads were trained on)."""
+    from selfflow_world.heads import accuracy, transition_features
+
+    mean = float(wm.heads.reward_mean)
+    err = torch.from_numpy(np.abs(predicted - recorded))  # (B, T)
+    base = torch.from_numpy(np.abs(mean - recorded))
+    flat_p, flat_r = predicted.reshape(-1), recorded.reshape(-1)
+    corr = float(np.corrcoef(flat_p, flat_r)[0, 1]) if flat_p.std() > 0 and flat_r.std() > 0 else float("nan")
+    layer = wm.heads_meta.get("layer", wm.feature_layer)
+    real = accuracy(wm.heads, *transition_features(wm, cfg.data, cfg.split, 2000, layer, cfg.seed), mean)
+    return {
+        "trained": wm.heads_meta.get("trained", "afterwards on the frozen model (sfw heads)"),
+        "imagined": {
+            "reward_mae_per_horizon": _curve(err, cfg.level),
+            "reward_mae": _summary(err, cfg.level),
+            "reward_mae_predict_mean": float(base.mean()),
+            "reward_correlation": corr,
+            "return_predicted": float(predicted.sum(1).mean()),
+            "return_recorded": float(recorded.sum(1).mean()),
+        },
+        "recorded_frames": real,
+    }
+
+
 def write_plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -525,6 +559,14 @@ def summary_text(report: dict) -> str:
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
         f"{s['model']['relative_to_floor_per_horizon'][0]:.2f}, {s['model']['relative_to_floor_per_horizon'][-1]:.2f}"
     )
+    if "heads" in report:
+        im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
+        lines.append(
+            f"  reward heads: MAE along imagined rollouts {_fmt(im['reward_mae'])} (predicting the mean "
+            f"{im['reward_mae_predict_mean']:.3f}), correlation {im['reward_correlation']:.2f}; on recorded "
+            f"frames {rf['reward_mae']:.3f} (mean {rf['reward_mae_predict_mean']:.3f}); termination "
+            f"accuracy {rf['termination_accuracy']:.3f}"
+        )
     if "representation_r2" in report:
         best = max(report["representation_r2"]["model"].items(), key=lambda kv: kv[1])
         lines.append(
@@ -623,6 +665,25 @@ def report_markdown(report: dict) -> str:
                 f"{k + 1} frames {_fmt({q: f[q][k] for q in ('mean', 'low', 'high')})}" for k in picks
             )
             + ".",
+        ]
+    if "heads" in report:
+        im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
+        mae = im["reward_mae_per_horizon"]["mean"]
+        picks = sorted({0, min(7, h - 1), h - 1})
+        lines += [
+            "",
+            f"## Reward and termination heads (trained {report['heads']['trained']})",
+            "",
+            "| frames | reward MAE | predicting the training mean | correlation | termination accuracy |",
+            "|---|---|---|---|---|",
+            f"| imagined ({' / '.join(f'@{k + 1}' for k in picks)}: "
+            f"{' / '.join(f'{mae[k]:.3f}' for k in picks)}) | {_fmt(im['reward_mae'], 3)} | "
+            f"{im['reward_mae_predict_mean']:.3f} | {im['reward_correlation']:.2f} | |",
+            f"| recorded | {rf['reward_mae']:.3f} | {rf['reward_mae_predict_mean']:.3f} | "
+            f"{rf['reward_correlation']:.2f} | {rf['termination_accuracy']:.3f} |",
+            "",
+            f"Return over the {h} imagined frames: predicted {im['return_predicted']:.2f}, recorded "
+            f"{im['return_recorded']:.2f} (mean over rollouts).",
         ]
     rep = report.get("representation_r2", {})
     if rep:

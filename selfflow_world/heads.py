@@ -4,8 +4,14 @@ The heads read the features :meth:`~selfflow_world.world_model.WorldModel.step` 
 imagined frame (block ``feature_layer``'s hidden state of the frame's tokens, at ``t = 0``, given
 its history), so imagined rollouts predict the reward received on arriving at each frame and the
 probability that the episode terminated there (Gymnasium semantics: a terminal state, not a time
-limit). They are trained afterwards on a frozen world model, from the rewards and flags recorded
-with the frames (``sfw heads``, seconds to minutes on a CPU), and stored beside the weights::
+limit). They are trained from the rewards and flags recorded with the frames, in one of two ways:
+
+- jointly with the world model (``sfw train objective.heads_weight=W``): the loss of
+  :func:`head_loss` on the student's features of the clean history frames is added to the
+  objective, so the features themselves learn what the reward depends on;
+- afterwards, on a frozen world model (``sfw heads``, seconds to minutes on a CPU).
+
+Either way they are stored beside the weights::
 
     <checkpoint>/heads.safetensors   the head weights
     <checkpoint>/heads.json          feature layer, reward scaling, training setup, held-out accuracy
@@ -66,6 +72,39 @@ class Heads(nn.Module):
         out = self.raw(features).float()
         reward = (out[:, 0] * self.reward_std + self.reward_mean).clamp(self.reward_low, self.reward_high)
         return reward, torch.sigmoid(out[:, 1])
+
+    def set_reward_scale(self, rewards: Tensor) -> None:
+        """Standardise with the mean and spread of the recorded ``rewards`` and clamp predictions to
+        their range."""
+        rewards = rewards.float()
+        std = float(rewards.std()) if len(rewards) > 1 else 1.0
+        self.reward_mean.fill_(float(rewards.mean()))
+        self.reward_std.fill_(std if std > 1e-6 else 1.0)
+        self.reward_low.fill_(float(rewards.min()))
+        self.reward_high.fill_(float(rewards.max()))
+
+
+def head_loss(heads: Heads, features: Tensor, rewards: Tensor, terminated: Tensor) -> Tensor:
+    """Squared error of the standardised reward plus the termination cross-entropy (a scalar).
+
+    ``features (N, L, D)``, ``rewards (N,)`` in env units, ``terminated (N,)`` 0/1. What both
+    ``sfw heads`` and joint training minimise.
+    """
+    out = heads.raw(features).float()
+    target = (rewards.float() - heads.reward_mean) / heads.reward_std
+    return (out[:, 0] - target).pow(2).mean() + nn.functional.binary_cross_entropy_with_logits(
+        out[:, 1], terminated.float()
+    )
+
+
+def recorded_rewards(dataset) -> Tensor:
+    """Every reward recorded in a :class:`~selfflow_world.clips.ClipDataset`'s episodes, ``(N,)``."""
+    from selfflow_world.episodes import load_episode
+
+    found = [
+        np.asarray(load_episode(info.path, mmap=True)["rewards"], np.float32) for info in dataset.episodes
+    ]
+    return torch.from_numpy(np.concatenate(found)) if found else torch.zeros(1)
 
 
 @dataclass
@@ -192,15 +231,10 @@ def fit_heads(cfg: HeadsConfig, wm=None, progress: bool = True) -> dict[str, Any
     torch.manual_seed(cfg.seed)
     feats, rewards, terms = transition_features(wm, cfg.data, "train", cfg.examples, layer, cfg.seed)
     heads = Heads(wm.config.width, wm.config.tokens_per_frame)
-    mean, std = float(rewards.mean()), float(rewards.std()) if len(rewards) > 1 else 1.0
-    heads.reward_mean.fill_(mean)
-    heads.reward_std.fill_(std if std > 1e-6 else 1.0)
-    heads.reward_low.fill_(float(rewards.min()))
-    heads.reward_high.fill_(float(rewards.max()))
-    target = (rewards - mean) / float(heads.reward_std)
+    heads.set_reward_scale(rewards)
+    mean = float(heads.reward_mean)
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed)
-    bce = nn.BCEWithLogitsLoss()
     steps = range(cfg.steps)
     if progress:
         from tqdm import tqdm
@@ -211,8 +245,7 @@ def fit_heads(cfg: HeadsConfig, wm=None, progress: bool = True) -> dict[str, Any
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, len(feats), (min(cfg.batch_size, len(feats)),), generator=gen)
-        out = heads.raw(feats[idx].float())
-        loss = (out[:, 0] - target[idx]).pow(2).mean() + bce(out[:, 1], terms[idx])
+        loss = head_loss(heads, feats[idx].float(), rewards[idx], terms[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -52,6 +52,22 @@ class RolloutSettings:
             history_level=self.history_level,
         )
 
+    def imagine_rewards(
+        self, wm, context: np.ndarray, actions: np.ndarray, context_actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The frames of :meth:`imagine` (the same noise, so the same frames) and the rewards the
+        model's heads predict on arriving at each, ``(B, T)`` float32."""
+        gen = torch.Generator(wm.device).manual_seed(self.seed)
+        state = wm.start(context, context_actions, history_level=self.history_level)
+        frames, rewards = [], []
+        for j in range(actions.shape[1]):
+            out = wm.step(
+                state, actions[:, j], steps=self.steps, method=self.method, generator=gen, rewards=True
+            )
+            frames.append(out.frames)
+            rewards.append(out.reward.cpu().numpy())
+        return np.stack(frames, 1), np.stack(rewards, 1).astype(np.float32)
+
 
 @dataclass
 class ImagineConfig(RolloutSettings):
@@ -79,6 +95,7 @@ class Segments:
     infos: list
     starts: list[int]
     split: str
+    rewards: np.ndarray | None = None  # (B, T) float32: received on arriving at each real future frame
 
 
 def model_clips(wm, data: str, split: str, history: int):
@@ -129,7 +146,7 @@ def load_segments(
     ][:count]
     if len(rows) < min_rows and split != "all":
         return load_segments(wm, data, "all", count, history, horizon, per_episode, min_rows)
-    ctx, ctx_act, fut_act, real, states = [], [], [], [], []
+    ctx, ctx_act, fut_act, real, states, rewards = [], [], [], [], [], []
     for info, start in rows:
         arr = load_episode(info.path)
         ctx.append(np.asarray(arr["frames"][start : start + history]))
@@ -137,6 +154,9 @@ def load_segments(
         acts = np.asarray(arr["actions"], np.float32)
         ctx_act.append(per_frame(acts, start, history))
         fut_act.append(acts[start + history - 1 : start + history - 1 + horizon])
+        rewards.append(
+            np.asarray(arr["rewards"][start + history - 1 : start + history - 1 + horizon], np.float32)
+        )
         states.append(np.asarray(arr["states"][start : start + history + horizon]))
     return Segments(
         np.stack(ctx),
@@ -147,6 +167,7 @@ def load_segments(
         [r[0] for r in rows],
         [r[1] for r in rows],
         split,
+        np.stack(rewards),
     )
 
 

@@ -157,6 +157,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def default_feature_layer(depth: int) -> int:
+    """The block whose hidden state serves as the model's features (planning scores, reward heads):
+    the one the Self-Flow teacher is read at by default, ``round(0.7 * depth)``."""
+    return max(1, round(0.7 * depth))
+
+
 def shift_frames(clean: Tensor) -> Tensor:
     """Previous frames ``(B, T, C, H, W)``: ``prev[:, 0] = 0``, ``prev[:, j] = clean[:, j - 1]``."""
     return torch.cat([torch.zeros_like(clean[:, :1]), clean[:, :-1]], dim=1)

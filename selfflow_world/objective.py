@@ -13,6 +13,12 @@ On target tokens:
   goes through a :class:`Projector`; ``L = L_flow + gamma * mean(1 - cos)`` over target tokens only
   (history tokens are identical for both, at the same noise level, and carry no signal).
 
+With ``heads_weight > 0`` the reward/termination heads (:mod:`selfflow_world.heads`) read the
+student's hidden state at the feature block (``round(0.7 * depth)``) of every history frame that has
+a frame before it, i.e. a clean frame seen after its own history, as imagined frames are seen when
+their features are computed; :func:`~selfflow_world.heads.head_loss` times ``heads_weight`` joins
+the loss, and its gradient reaches the model, so the features learn what the reward depends on.
+
 The flow loss's weighting over noise levels (``weighting``: velocity-space or clean-frame error), the
 share of examples at pure noise (``t_one``) and the weight on pixels that move (``motion_weight``) are
 shared by all three modes, so they stay comparable at equal steps (:func:`flow_error`).
@@ -28,11 +34,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from selfflow_world.errors import UserError
-from selfflow_world.model import expand_t, shift_frames, to_clean, to_velocity
+from selfflow_world.model import default_feature_layer, expand_t, shift_frames, to_clean, to_velocity
 
 MODES = ("flow", "dts", "selfflow")
 TIME_DISTS = ("uniform", "logit_normal")
@@ -62,6 +68,7 @@ class ObjectiveConfig:
     ema_decay: float = 0.999  # teacher EMA decay after warm-up
     ema_warmup: int = 10000  # steps over which the EMA window grows linearly to 1 / (1 - ema_decay);
     # keep it >= 10 / (1 - ema_decay): the EMA then averages at most ~the last 10% of the run so far
+    heads_weight: float = 0.0  # > 0: train reward/termination heads jointly, with this loss weight
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -92,6 +99,8 @@ class ObjectiveConfig:
             raise UserError(f"objective ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not isinstance(self.ema_warmup, int) or self.ema_warmup < 0:
             raise UserError(f"objective ema_warmup must be a step count >= 0, got {self.ema_warmup!r}")
+        if not self.heads_weight >= 0:
+            raise UserError(f"objective heads_weight must be >= 0, got {self.heads_weight!r}")
 
     def resolve_layers(self, depth: int) -> tuple[int, int]:
         """Student and teacher block ``(l, k)`` for a model of ``depth`` blocks, ``1 <= l < k <= depth``.
@@ -224,6 +233,7 @@ def compute_loss(
     *,
     teacher: nn.Module | None = None,
     projector: nn.Module | None = None,
+    heads: nn.Module | None = None,
     history: int,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The training loss of one batch.
@@ -235,12 +245,14 @@ def compute_loss(
         generator: every random draw comes from it (it may live on another device than the batch).
         teacher: the EMA teacher (mode ``selfflow`` only), run without gradient.
         projector: :class:`Projector` on the student's features (mode ``selfflow`` only).
+        heads: :class:`~selfflow_world.heads.Heads` trained jointly when ``cfg.heads_weight > 0``
+            (the batch then needs ``rewards`` and ``terminated``, ``(B, T)``, aligned per frame).
         history: number of leading history frames, ``0 <= history < T``; the rest are targets.
 
     Returns:
         the loss (scalar, with gradient) and detached metrics: ``loss``, ``flow_loss``, ``t_mean``
         (mean level of target tokens), ``s_frac`` (share of target tokens at ``s``), and in mode
-        ``selfflow`` ``rep_loss`` and ``teacher_t_mean``.
+        ``selfflow`` ``rep_loss`` and ``teacher_t_mean``; with heads ``heads_loss``.
     """
     core = getattr(model, "module", model)  # DDP keeps the model under .module
     mcfg = core.config
@@ -251,6 +263,14 @@ def compute_loss(
     selfflow = cfg.mode == "selfflow"
     if selfflow and (teacher is None or projector is None):
         raise UserError("objective mode 'selfflow' needs a teacher and a projector")
+    joint_heads = cfg.heads_weight > 0
+    if joint_heads and (heads is None or "rewards" not in batch or "terminated" not in batch):
+        raise UserError("objective heads_weight > 0 needs heads and a batch with rewards and terminated")
+    if joint_heads and history < 2:
+        raise UserError(
+            f"objective heads_weight > 0 needs history >= 2 (the heads read a history frame after its own "
+            f"history), got history={history}"
+        )
     tokens = core.tokens_per_frame
     n_hist, n_target = history * tokens, (total - history) * tokens
     device = frames.device
@@ -272,9 +292,15 @@ def compute_loss(
     # previous frames: the history as the model sees it, then clean targets (teacher forcing)
     prev = shift_frames(torch.cat([x_t[:, :history], frames[:, history:]], dim=1))
 
+    wanted = []
     if selfflow:
         student_layer, teacher_layer = cfg.resolve_layers(mcfg.depth)
-        pred, hidden = model(x_t, t_tok, actions, prev, return_hidden=(student_layer,))
+        wanted.append(student_layer)
+    if joint_heads:
+        heads_layer = default_feature_layer(mcfg.depth)
+        wanted.append(heads_layer)
+    if wanted:
+        pred, hidden = model(x_t, t_tok, actions, prev, return_hidden=tuple(wanted))
     else:
         pred = model(x_t, t_tok, actions, prev)
     t_pix = expand_t(t_tok, frames.shape, mcfg.patch).to(frames)
@@ -298,5 +324,18 @@ def compute_loss(
         loss = loss + cfg.gamma * rep_loss
         metrics["rep_loss"] = rep_loss.detach()
         metrics["teacher_t_mean"] = t_teacher[:, n_hist:].mean()
+    if joint_heads:
+        from selfflow_world.heads import head_loss
+
+        # history frames 1 .. history-1: each is clean and seen after the frames before it
+        feats = rearrange(hidden[heads_layer][:, tokens:n_hist], "b (h l) d -> (b h) l d", l=tokens)
+        h_loss = head_loss(
+            heads,
+            feats,
+            batch["rewards"][:, 1:history].reshape(-1),
+            batch["terminated"][:, 1:history].reshape(-1),
+        )
+        loss = loss + cfg.heads_weight * h_loss
+        metrics["heads_loss"] = h_loss.detach()
     metrics["loss"] = loss.detach()
     return loss, metrics

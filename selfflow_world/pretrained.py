@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from selfflow_world.errors import UserError
+from selfflow_world.heads import HEADS_FILE, HEADS_META
 
 MODELS_DIR = Path(__file__).parent / "models"
 HOW_TO_MAKE = (
@@ -62,7 +63,8 @@ def model_dir(name: str) -> Path:
 
 def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     """Write a shipped-model directory ``dest`` from training checkpoint ``ckpt``: its EMA weights
-    in bf16, its meta.json (without per-run paths) and ``card`` as MODEL_CARD.md. Written to a
+    in bf16, its meta.json (without per-run paths), its reward heads if it has them
+    (``heads.safetensors`` / ``heads.json``) and ``card`` as MODEL_CARD.md. Written to a
     temporary directory and renamed, so ``dest`` is never half-written. Returns ``dest``."""
     from selfflow_world.checkpoint import read_meta, resolve_checkpoint
 
@@ -81,6 +83,9 @@ def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(ema, str(tmp / "weights.safetensors"))
+    for name in (HEADS_FILE, HEADS_META):
+        if (src / name).is_file():
+            shutil.copy2(src / name, tmp / name)
     meta = {k: v for k, v in meta.items() if k not in ("dataset",)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     if card:
@@ -91,8 +96,53 @@ def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     return dest
 
 
-def model_card(name: str, meta: dict, report: dict | None, hardware: str) -> str:
-    """A short model card: data, training, hardware and time, and the held-out evaluation."""
+def bar_lines(report: dict) -> list[str]:
+    """The action-following bar read off a held-out evaluation report, part by part: following
+    ratio >= 0.5 at horizons 1 and 8 with its interval above 0, PSNR above copy-last at every
+    horizon (paired interval), probed state error at 8 at most 3x the probe's floor."""
+    h = report["horizon"]
+    at8 = min(8, h) - 1
+    parts = []
+    if "counterfactual" in report:
+        f = report["counterfactual"]["following_ratio"]["per_horizon"]
+        ok = all(f["mean"][k] >= 0.5 and f["low"][k] > 0 for k in (0, at8))
+        parts.append(
+            f"following ratio >= 0.5 at 1 and {at8 + 1}: {'met' if ok else 'missed'} "
+            f"({f['mean'][0]:.2f} [{f['low'][0]:.2f}, {f['high'][0]:.2f}], "
+            f"{f['mean'][at8]:.2f} [{f['low'][at8]:.2f}, {f['high'][at8]:.2f}])"
+        )
+    g = report["psnr_gain_over_copy_last"]["per_horizon"]
+    above = [k + 1 for k in range(h) if g["low"][k] > 0]
+    parts.append(
+        f"PSNR above copy-last at every horizon: {'met' if len(above) == h else 'missed'} (interval above 0 "
+        f"at {len(above)} of {h} horizons; mean gain {g['mean'][0]:+.2f} dB @1, {g['mean'][h - 1]:+.2f} dB @{h})"
+    )
+    state = report["state_probe"]["model"]["relative_to_floor_per_horizon"][at8]
+    parts.append(
+        f"state error @{at8 + 1} <= 3x floor: {'met' if state <= 3 else 'missed'} ({state:.2f}x; copy-last "
+        f"{report['state_probe']['copy_last']['relative_to_floor_per_horizon'][at8]:.2f}x)"
+    )
+    return ["", "The action-following bar on these episodes:", "", *[f"- {p}" for p in parts]]
+
+
+def heads_lines(heads: dict) -> list[str]:
+    """What a model card says about the reward heads, from their ``heads.json``."""
+    held = heads.get("held_out", {})
+    how = heads.get("trained", "afterwards on the frozen model (`sfw heads`)")
+    line = f"Reward and termination heads (`heads.safetensors`, block {heads.get('layer')} features), trained {how}"
+    if held:
+        line += (
+            f": on {held.get('examples')} held-out transitions reward MAE {held['reward_mae']:.3f} and RMSE "
+            f"{held['reward_rmse']:.3f}, against {held['reward_mae_predict_mean']:.3f} and "
+            f"{held['reward_rmse_predict_mean']:.3f} for predicting the training mean; correlation "
+            f"{held['reward_correlation']:.2f}"
+        )
+    return ["", line + "."]
+
+
+def model_card(name: str, meta: dict, report: dict | None, hardware: str, heads: dict | None = None) -> str:
+    """A short model card: data, training, hardware and time, the held-out evaluation against the
+    action-following bar, and the reward heads' accuracy."""
     cfg = meta.get("config", {})
     obj = cfg.get("objective", {})
     wall = meta.get("metrics", {}).get("wall_s")
@@ -162,6 +212,9 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str) -> str
                 + ", ".join(f"@{h} {e[h - 1]:.2f}" for h in picks)
                 + "."
             )
+        lines += bar_lines(report)
+    if heads:
+        lines += heads_lines(heads)
     return "\n".join(lines) + "\n"
 
 
@@ -183,11 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         "--train-minutes", type=float, help="training wall-clock, for runs whose checkpoints predate wall_s"
     )
     args = parser.parse_args(argv)
-    meta = read_meta(resolve_checkpoint(args.run))
+    src = resolve_checkpoint(args.run)
+    meta = read_meta(src)
+    heads = json.loads((src / HEADS_META).read_text()) if (src / HEADS_META).is_file() else None
     if args.train_minutes is not None:
         meta.setdefault("metrics", {})["wall_s"] = 60 * args.train_minutes
     report = json.loads(Path(args.report).read_text()) if args.report else None
-    dest = export(args.run, args.dest, card=model_card(Path(args.dest).name, meta, report, args.hardware))
+    dest = export(
+        args.run, args.dest, card=model_card(Path(args.dest).name, meta, report, args.hardware, heads)
+    )
     size = (dest / "weights.safetensors").stat().st_size / 2**20
     print(f"wrote {dest} ({size:.1f} MiB of weights)")
     return 0

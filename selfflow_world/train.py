@@ -36,8 +36,17 @@ from selfflow_world.checkpoint import (
 from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
 from selfflow_world.episodes import manifest_fingerprint
 from selfflow_world.errors import UserError
+from selfflow_world.heads import Heads, recorded_rewards, save_heads
 from selfflow_world.logger import Logger
-from selfflow_world.model import DATA_FIELDS, ModelConfig, WorldDiT, count_parameters, model_config
+from selfflow_world.model import (
+    DATA_FIELDS,
+    ModelConfig,
+    WorldDiT,
+    count_parameters,
+    default_feature_layer,
+    model_config,
+    shift_frames,
+)
 from selfflow_world.objective import (
     ObjectiveConfig,
     Projector,
@@ -143,9 +152,14 @@ class TrainConfig:
 
 
 def to_model_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """uint8 frames (B, T, 3, H, W) -> float in [-1, 1] on ``device``; actions to ``device``."""
+    """uint8 frames (B, T, 3, H, W) -> float in [-1, 1] on ``device``; actions (and rewards and
+    terminated flags, as float, when the batch has them) to ``device``."""
     frames = batch["frames"].to(device, non_blocking=True).float() / 127.5 - 1.0
-    return {"frames": frames, "actions": batch["actions"].to(device, non_blocking=True)}
+    out = {"frames": frames, "actions": batch["actions"].to(device, non_blocking=True)}
+    for key in ("rewards", "terminated"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True).float()
+    return out
 
 
 # -- setup ---------------------------------------------------------------------------------------------
@@ -240,6 +254,8 @@ class Trainer:
             cfg.objective.resolve_layers(self.model_cfg.depth) if cfg.objective.mode == "selfflow" else None
         )
 
+        # the global RNG feeds dropout (the heads); seeded here, saved in checkpoints, restored on resume
+        torch.manual_seed(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.model = WorldDiT(self.model_cfg, generator=gen).to(self.device)
         self.ema = make_teacher(self.model)
@@ -248,7 +264,17 @@ class Trainer:
             if cfg.objective.mode == "selfflow"
             else None
         )
-        params = list(self.model.parameters()) + (list(self.projector.parameters()) if self.projector else [])
+        # reward/termination heads trained with the model (objective.heads_weight > 0); the EMA copy
+        # reads the EMA model's features and is what the checkpoint's heads.safetensors holds
+        self.heads: Heads | None = None
+        self.ema_heads: Heads | None = None
+        if cfg.objective.heads_weight > 0:
+            self.heads = Heads(self.model_cfg.width, self.model_cfg.tokens_per_frame).to(self.device)
+            self.heads.set_reward_scale(recorded_rewards(self.train_set))
+            self.ema_heads = make_teacher(self.heads).eval()
+        # parameters outside the DDP-wrapped model: their gradients are averaged by hand (_sync_grads)
+        self.extra_params = [p for m in (self.projector, self.heads) if m is not None for p in m.parameters()]
+        params = list(self.model.parameters()) + self.extra_params
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
         )
@@ -291,6 +317,17 @@ class Trainer:
         load_weights(ckpt, "ema", self.ema)
         if self.projector is not None:
             load_weights(ckpt, "projector", self.projector)
+        saved_weight = float(meta.get("config", {}).get("objective", {}).get("heads_weight", 0.0))
+        if (saved_weight > 0) != (self.heads is not None):
+            raise UserError(
+                f"checkpoint {ckpt} was trained with objective.heads_weight={saved_weight}, this run asks for "
+                f"{self.cfg.objective.heads_weight}: resume with heads_weight "
+                f"{'> 0' if saved_weight > 0 else '= 0'}, or start a new run with another out= "
+                "(heads for a trained model: sfw heads)"
+            )
+        if self.heads is not None:
+            load_weights(ckpt, "heads", self.heads)
+            load_weights(ckpt, "ema_heads", self.ema_heads)
         state = load_train_state(ckpt)
         if state.get("objective_mode") != self.cfg.objective.mode:
             raise UserError(
@@ -318,6 +355,8 @@ class Trainer:
         modules = {"model": self.model, "ema": self.ema}
         if self.projector is not None:
             modules["projector"] = self.projector
+        if self.heads is not None:
+            modules["heads"], modules["ema_heads"] = self.heads, self.ema_heads
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -338,7 +377,22 @@ class Trainer:
             "metrics": metrics or {},
             "library_version": __version__,
         }
-        return save_checkpoint(self.out, self.step, modules, state, meta, keep=self.cfg.keep)
+        extra = None
+        if self.ema_heads is not None:  # so WorldModel.load attaches the heads, as after sfw heads
+
+            def extra(directory: Path) -> None:
+                heads_meta = {
+                    "layer": default_feature_layer(self.model_cfg.depth),
+                    "shape": self.ema_heads.shape,
+                    "reward_range": [float(self.ema_heads.reward_low), float(self.ema_heads.reward_high)],
+                    "trained": "jointly with the world model (objective.heads_weight)",
+                    "heads_weight": self.cfg.objective.heads_weight,
+                    "step": self.step,
+                    "validation": {k: v for k, v in (metrics or {}).items() if k.startswith("val_reward")},
+                }
+                save_heads(self.ema_heads, heads_meta, directory)
+
+        return save_checkpoint(self.out, self.step, modules, state, meta, keep=self.cfg.keep, extra=extra)
 
     # -- the loop -----------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -357,6 +411,9 @@ class Trainer:
             num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            # its own generator for the workers' base seed, which would otherwise be drawn from the
+            # global RNG (the heads' dropout) each time the loader starts, e.g. once more on resume
+            generator=torch.Generator().manual_seed(self.cfg.seed + self.step),
         )
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -369,6 +426,7 @@ class Trainer:
                 self.generator,
                 teacher=self.teacher_model,
                 projector=self.projector,
+                heads=self.heads,
                 history=self.cfg.history,
             )
         if not torch.isfinite(loss):
@@ -381,16 +439,31 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._sync_grads()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        ema_update(self.ema, self.model, ema_decay_at(self.step, self.cfg.objective))
+        decay = ema_decay_at(self.step, self.cfg.objective)
+        ema_update(self.ema, self.model, decay)
+        if self.heads is not None:
+            ema_update(self.ema_heads, self.heads, decay)
         self.step += 1
         out = {k: float(v) for k, v in metrics.items()}
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _sync_grads(self) -> None:
+        """Average the gradients of the projector and heads over processes (DDP averages only the
+        model's), so every rank keeps identical copies of them."""
+        if self.dist.world == 1:
+            return
+        for p in self.extra_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.dist.world
 
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
@@ -434,7 +507,10 @@ class Trainer:
                     logger.progress(step, shown)
                 if step % cfg.val_every == 0 or step == cfg.steps:
                     if self.dist.main and self.val_set is not None and len(self.val_set):
-                        val = self.validate()
+                        # fork_rng: the DataLoader inside draws from the global RNG, which the
+                        # training step (the heads' dropout) uses, so validating must not move it
+                        with torch.random.fork_rng(devices=[]):
+                            val = self.validate()
                         row.update(val)
                         last.update(val)
                         latest_val = val
@@ -448,7 +524,8 @@ class Trainer:
                 if row:
                     logger.log(step, row)
                 if (step % cfg.sample_every == 0 or step == cfg.steps) and self.dist.main and self.val_set:
-                    self.write_samples(step)
+                    with torch.random.fork_rng(devices=[]):
+                        self.write_samples(step)
                 if step % cfg.ckpt_every == 0 or step == cfg.steps:
                     self.save(last)
                     self._barrier()
@@ -469,7 +546,7 @@ class Trainer:
         from selfflow_world.video import psnr
 
         model = self.ema.eval()
-        flow_cfg = ObjectiveConfig(**{**asdict(self.cfg.objective), "mode": "flow"})
+        flow_cfg = ObjectiveConfig(**{**asdict(self.cfg.objective), "mode": "flow", "heads_weight": 0.0})
         gen = torch.Generator(self.device).manual_seed(self.cfg.seed + 99)
         # the same clips every round, drawn from all validation episodes (in order they would be
         # neighbouring steps of the first few episodes)
@@ -477,7 +554,7 @@ class Trainer:
             self.val_set, generator=torch.Generator().manual_seed(self.cfg.seed)
         )
         loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, sampler=order)
-        losses, psnrs, copies, changes, truths, gaps, copy_mse = [], [], [], [], [], [], []
+        losses, psnrs, copies, changes, truths, gaps, copy_mse, rewards = [], [], [], [], [], [], [], []
         for i, raw in enumerate(loader):
             if i >= self.cfg.val_batches:
                 break
@@ -493,6 +570,8 @@ class Trainer:
                 noise = torch.randn(frames[:, hist].shape, generator=gen, device=gen.device).to(self.device)
                 other = torch.rand(actions[:, hist].shape, generator=gen, device=gen.device) * 2 - 1
                 sens = action_sensitivity(model, frames, actions, hist, noise, other.to(self.device))
+            if self.ema_heads is not None:
+                rewards.append(self._val_reward_error(model, batch))
             losses.append(float(metrics["flow_loss"]))
             psnrs.append(psnr(pred, frames[:, hist]))
             copies.append(psnr(frames[:, hist - 1], frames[:, hist]))
@@ -501,7 +580,14 @@ class Trainer:
             gaps.append(sens["mse_alternative"] - sens["mse_recorded"])
             copy_mse.append(sens["mse_copy_last"])
         truth = float(np.mean(truths)) if truths else float("nan")
+        heads_figures = {}
+        if rewards:  # mean absolute reward error, and that of always predicting the training mean
+            heads_figures = {
+                "val_reward_mae": float(np.mean([r[0] for r in rewards])),
+                "val_reward_mae_predict_mean": float(np.mean([r[1] for r in rewards])),
+            }
         return {
+            **heads_figures,
             "val_flow_loss": float(np.mean(losses)),
             "val_psnr": float(torch.cat(psnrs).mean()),
             "val_psnr_copy_last": float(torch.cat(copies).mean()),
@@ -514,6 +600,19 @@ class Trainer:
             if np.mean(copy_mse) > 0
             else float("nan"),
         }
+
+    def _val_reward_error(self, model, batch) -> tuple[float, float]:
+        """Reward error of the EMA heads on the clip's last frame, read as an imagined frame is
+        (clean, after ``history`` frames), and of predicting the training mean."""
+        frames, actions = batch["frames"], batch["actions"]
+        layer, tokens = default_feature_layer(self.model_cfg.depth), self.model_cfg.tokens_per_frame
+        end = self.cfg.history + 1
+        zeros = torch.zeros(frames.shape[0], device=self.device)
+        clip = frames[:, :end]
+        _, hidden = model(clip, zeros, actions[:, :end], shift_frames(clip), return_hidden=(layer,))
+        pred, _ = self.ema_heads(hidden[layer][:, -tokens:])
+        truth = batch["rewards"][:, end - 1]
+        return float((pred - truth).abs().mean()), float((self.ema_heads.reward_mean - truth).abs().mean())
 
     @torch.no_grad()
     def write_samples(self, step: int, episodes: int = 2) -> None:

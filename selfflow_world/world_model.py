@@ -23,7 +23,7 @@ from selfflow_world import rollout as rollouts
 from selfflow_world.checkpoint import load_weights, read_meta, resolve_checkpoint
 from selfflow_world.errors import UserError
 from selfflow_world.heads import Heads, load_heads, missing_heads_message
-from selfflow_world.model import ModelConfig, WorldDiT
+from selfflow_world.model import ModelConfig, WorldDiT, default_feature_layer
 from selfflow_world.rollout import RolloutState
 from selfflow_world.runtime import autocast, casts_weights, freezes_compiled, tune_allocator
 from selfflow_world.sampler import METHODS
@@ -171,7 +171,7 @@ class WorldModel:
     def feature_layer(self) -> int:
         """The block whose hidden states :meth:`step` returns as features by default: the one the
         Self-Flow teacher is read at, ``round(0.7 * depth)``."""
-        return max(1, round(0.7 * self.config.depth))
+        return default_feature_layer(self.config.depth)
 
     def _frames_in(self, frames: Tensor | np.ndarray, name: str) -> tuple[Tensor, _Layout]:
         layout = _Layout(uint8=False, numpy=isinstance(frames, np.ndarray))

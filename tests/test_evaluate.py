@@ -128,6 +128,23 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     assert saved["psnr"]["copy_last"]["per_horizon"]["mean"][0] > 10
 
 
+def test_eval_reports_the_heads_without_changing_the_imagined_frames(tiny_run, heads_run, tiny_dataset, tmp_path):
+    def report(ckpt, out):
+        args = [f"ckpt={ckpt}", f"data={tiny_dataset}", f"out={out}", "horizon=4", "probe_epochs=1"]
+        args += ["probe_frames=32", "replay=false", "representation=false"]
+        return run_eval(load_config("eval", args, EvalConfig))
+
+    plain, with_heads = report(tiny_run, tmp_path / "a"), report(heads_run, tmp_path / "b")
+    assert "heads" not in plain
+    # the heads' rollout is the same rollout: same noise, same frames, same PSNR
+    assert with_heads["psnr"]["model"] == plain["psnr"]["model"]
+    heads = with_heads["heads"]
+    assert len(heads["imagined"]["reward_mae_per_horizon"]["mean"]) == 4
+    assert heads["imagined"]["reward_mae"]["mean"] >= 0 and heads["recorded_frames"]["examples"] > 0
+    assert "Reward and termination heads" in (tmp_path / "b" / "report.md").read_text()
+    assert "reward heads" in with_heads["summary_text"]
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

@@ -294,3 +294,48 @@ def test_tampered_training_state_is_refused_in_one_line(tiny_dataset, tmp_path):
         train(tiny_dataset, out, "steps=6", "resume=true")
     message = str(err.value)
     assert str(state) in message and "\n" not in message and "weights_only" not in message
+
+
+def test_joint_heads_train_save_load_and_resume_exactly(tiny_dataset, tmp_path):
+    # heads_weight > 0: the heads train with the model, their EMA copy lands in every checkpoint as
+    # heads.safetensors (WorldModel.load attaches it), validation reports their reward error, and
+    # resume continues the loss curve exactly, heads included
+    from selfflow_world.world_model import WorldModel
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ("objective=flow", "objective.heads_weight=0.5")
+    last = train(tiny_dataset, full, "steps=10", *args)
+    assert {"heads_loss", "val_reward_mae", "val_reward_mae_predict_mean"} <= set(last)
+    train(tiny_dataset, part, "steps=6", *args)
+    train(tiny_dataset, part, "steps=10", *args, "resume=true")
+    assert losses(part) == losses(full)
+    ckpt = resolve_checkpoint(full)
+    assert (ckpt / "heads.safetensors").is_file()
+    wm = WorldModel.load(str(full), device="cpu")
+    assert wm.heads is not None and wm.heads_meta["layer"] == wm.feature_layer
+    assert "jointly" in wm.heads_meta["trained"]
+    state = wm.start(torch.zeros(2, wm.history, 16, 16, 3, dtype=torch.uint8))
+    out = wm.step(state, torch.zeros(2, 2), rewards=True, steps=1)
+    assert out.reward.shape == (2,) and out.termination.shape == (2,)
+    # the heads' loss reaches the model: with another weight the model's weights differ
+    other = tmp_path / "other"
+    train(tiny_dataset, other, "steps=2", "objective=flow", "objective.heads_weight=5.0")
+    base = tmp_path / "base"
+    train(tiny_dataset, base, "steps=2", "objective=flow", "objective.heads_weight=0.5")
+    a, b = WorldDiT(wm.config), WorldDiT(wm.config)
+    load_weights(resolve_checkpoint(other), "model", a)
+    load_weights(resolve_checkpoint(base), "model", b)
+    assert any(
+        not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_joint_heads_settings_are_checked(tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_dataset, run, "steps=2", "objective=flow")
+    with pytest.raises(UserError, match="heads_weight"):
+        train(tiny_dataset, run, "steps=4", "objective=flow", "objective.heads_weight=1.0", "resume=true")
+    with pytest.raises(UserError, match="history >= 2"):
+        train(tiny_dataset, tmp_path / "h1", "steps=1", "history=1", "objective.heads_weight=1.0")
+    with pytest.raises(UserError, match="heads_weight must be >= 0"):
+        train(tiny_dataset, tmp_path / "neg", "steps=1", "objective.heads_weight=-1")
