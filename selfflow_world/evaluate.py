@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +217,8 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
         raise UserError(f"level must be in (0, 1), got {cfg.level}")
     if wm is None:  # a caller that already loaded the model (sfw demo) passes it
         wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
+    if cfg.steps is None:  # the model's own default, recorded in the report
+        cfg = replace(cfg, steps=wm.sampler_steps)
     # the baseline imagines one batch of rollouts: compiling it would cost more than it saves
     untrained = WorldModel.untrained(wm, seed=cfg.seed, compile=False)
     hist = wm.history

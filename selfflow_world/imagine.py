@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ class RolloutSettings:
     out: str = "???"
     horizon: int = 16
     episodes: int = 16
-    steps: int = 4
+    steps: int | None = None  # sampler steps per frame; None: the model's own default (sampler_steps)
     method: str = "euler"
     history_level: float = 0.0
     seed: int = 0
@@ -31,8 +31,10 @@ class RolloutSettings:
 
     def check(self, command: str, positive: tuple[str, ...] = ()) -> None:
         """Clear errors for missing paths and non-positive counts."""
-        for name in ("horizon", "episodes", "steps", *positive):
+        for name in ("horizon", "episodes", *positive):
             check_positive(name, getattr(self, name))
+        if self.steps is not None:
+            check_positive("steps", self.steps)
         for name in ("ckpt", "data", "out"):
             if getattr(self, name) in ("???", "", None):
                 raise UserError(f"{name}= is required (e.g. sfw {command} ckpt=RUN data=DATA out=DIR)")
@@ -180,6 +182,8 @@ def run_imagine(cfg: ImagineConfig, wm=None) -> list[dict]:
     cfg.check("imagine", positive=("fps",))
     if wm is None:  # a caller that already loaded the model (sfw demo) passes it
         wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device), compile=cfg.compile)
+    if cfg.steps is None:
+        cfg = replace(cfg, steps=wm.sampler_steps)
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, wm.history, cfg.horizon)
     real, infos = seg.real, seg.infos
     imagined = cfg.imagine(wm, seg.context, seg.actions, seg.context_actions)

@@ -637,7 +637,8 @@ class Trainer:
                 frames[None, :hist],
                 acts[None, :hist],
                 acts[None, hist:],
-                steps=self.cfg.sample_steps,
+                # a model trained only at t = 1 can only be sampled in one step
+                steps=1 if self.cfg.objective.t_one >= 1 else self.cfg.sample_steps,
                 generator=gen,
             )[0]
             video = side_by_side(to_uint8(frames[hist:]), to_uint8(imagined))

@@ -2,7 +2,7 @@
 
     from selfflow_world import WorldModel
     wm = WorldModel.load("runs/reacher", device="cuda")   # or "cpu"; a run dir or a checkpoint dir
-    frames = wm.imagine(context_frames, actions, steps=4, generator=g)
+    frames = wm.imagine(context_frames, actions, generator=g)  # sampler steps: wm.sampler_steps
 
 Frames come in either layout and go back in the same one: uint8 ``(B, H, h, w, 3)`` (as on disk and
 from envs) or float ``(B, H, 3, h, w)`` in [-1, 1] (as inside the model). Actions are in the env's
@@ -168,6 +168,14 @@ class WorldModel:
         return actions * self._half + self._center
 
     @property
+    def sampler_steps(self) -> int:
+        """Sampler steps per frame when none are given: 1 for a model trained only at ``t = 1``
+        (``objective.t_one=1``: it never saw a partly noisy target, so more steps only add error),
+        else 4."""
+        t_one = self.meta.get("config", {}).get("objective", {}).get("t_one", 0.0)
+        return 1 if t_one is not None and float(t_one) >= 1.0 else 4
+
+    @property
     def feature_layer(self) -> int:
         """The block whose hidden states :meth:`step` returns as features by default: the one the
         Self-Flow teacher is read at, ``round(0.7 * depth)``."""
@@ -236,7 +244,7 @@ class WorldModel:
         context_frames: Tensor | np.ndarray,
         actions: Tensor | np.ndarray,
         *,
-        steps: int = 4,
+        steps: int | None = None,
         method: str = "euler",
         generator: torch.Generator | None = None,
         context_actions: Tensor | np.ndarray | None = None,
@@ -249,7 +257,8 @@ class WorldModel:
             context_frames: uint8 ``(B, H, h, w, 3)`` or float ``(B, H, 3, h, w)`` in [-1, 1].
             actions: ``(B, T, A)`` in env units; ``actions[:, j]`` produces imagined frame ``j`` from
                 the frame before it (the last context frame for ``j = 0``).
-            steps: sampler steps per frame (1 to 50); ``method``: ``euler`` or ``heun``.
+            steps: sampler steps per frame (1 to 50; default :attr:`sampler_steps`); ``method``:
+                ``euler`` or ``heun``.
             generator: makes the result deterministic.
             context_actions: ``(B, H, A)`` actions that produced the context frames, if known
                 (row 0 is the action before the first context frame); zeros otherwise.
@@ -300,7 +309,7 @@ class WorldModel:
         state: Imagination,
         actions: Tensor | np.ndarray,
         *,
-        steps: int = 4,
+        steps: int | None = None,
         method: str = "euler",
         generator: torch.Generator | None = None,
         features: bool | int = False,
@@ -339,6 +348,7 @@ class WorldModel:
         return Step(frame, feats.float() if features is not False else None, reward, termination)
 
     def _step_normalized(self, state, acts, steps, method, generator, layer):
+        steps = self.sampler_steps if steps is None else steps
         if not 1 <= steps <= 50:
             raise UserError(f"steps must be in [1, 50], got {steps}")
         if method not in METHODS:

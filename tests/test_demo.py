@@ -35,8 +35,8 @@ def test_export_writes_bf16_ema_weights_that_load_by_name(shipped, tiny_run):
 
 
 def test_unknown_name_says_what_is_shipped_and_how_to_make_it(shipped):
-    with pytest.raises(UserError, match=r"shipped: tiny-test.*bench/train_default.sh cartpole-swingup"):
-        WorldModel.load("cartpole-swingup")
+    with pytest.raises(UserError, match=r"shipped: tiny-test.*bench/train_default.sh walker-walk"):
+        WorldModel.load("walker-walk")
 
 
 def test_demo_end_to_end_on_a_tiny_model(shipped, tmp_path, capsys):

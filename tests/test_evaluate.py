@@ -128,7 +128,9 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     assert saved["psnr"]["copy_last"]["per_horizon"]["mean"][0] > 10
 
 
-def test_eval_reports_the_heads_without_changing_the_imagined_frames(tiny_run, heads_run, tiny_dataset, tmp_path):
+def test_eval_reports_the_heads_without_changing_the_imagined_frames(
+    tiny_run, heads_run, tiny_dataset, tmp_path
+):
     def report(ckpt, out):
         args = [f"ckpt={ckpt}", f"data={tiny_dataset}", f"out={out}", "horizon=4", "probe_epochs=1"]
         args += ["probe_frames=32", "replay=false", "representation=false"]

@@ -217,3 +217,30 @@ def test_bf16_on_cpu_casts_the_weights_and_stays_close_to_float32(tiny_run):
     a, b = (wm.imagine(ctx, acts, generator=torch.Generator().manual_seed(0)) for wm in (fast, exact))
     assert a.dtype == b.dtype == torch.float32
     assert (a - b).abs().mean() < 0.02 and (b - ctx[:, -1:]).abs().mean() > 0.05
+
+
+def args(wm):
+    gen = torch.Generator().manual_seed(1)
+    ctx = torch.randint(0, 256, (2, wm.history, 16, 16, 3), dtype=torch.uint8, generator=gen)
+    return ctx, torch.rand(2, 3, 2, generator=gen) * 2 - 1
+
+
+def test_default_sampler_steps_follow_how_the_model_was_trained(tiny_run):
+    # a model trained only at t = 1 (objective.t_one=1) never saw a partly noisy target: its
+    # default is one sampler step; others default to 4
+    wm = WorldModel.load(tiny_run, device="cpu")
+    assert wm.sampler_steps == 4
+    for p in wm.model.final.parameters():  # a barely trained residual model is nearly noise-free
+        torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        wm.imagine(*args(wm), generator=torch.Generator().manual_seed(0)),
+        wm.imagine(*args(wm), steps=4, generator=torch.Generator().manual_seed(0)),
+    )
+    wm.meta["config"]["objective"]["t_one"] = 1.0
+    assert wm.sampler_steps == 1
+
+    def run(**kw):
+        return wm.imagine(*args(wm), generator=torch.Generator().manual_seed(0), **kw)
+
+    assert torch.equal(run(), run(steps=1))
+    assert not torch.equal(run(), run(steps=4))
