@@ -38,6 +38,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from selfflow_world.errors import UserError
+from selfflow_world.heads import head_loss
 from selfflow_world.model import default_feature_layer, expand_t, shift_frames, to_clean, to_velocity
 
 MODES = ("flow", "dts", "selfflow")
@@ -325,8 +326,6 @@ def compute_loss(
         metrics["rep_loss"] = rep_loss.detach()
         metrics["teacher_t_mean"] = t_teacher[:, n_hist:].mean()
     if joint_heads:
-        from selfflow_world.heads import head_loss
-
         # history frames 1 .. history-1: each is clean and seen after the frames before it
         feats = rearrange(hidden[heads_layer][:, tokens:n_hist], "b (h l) d -> (b h) l d", l=tokens)
         h_loss = head_loss(

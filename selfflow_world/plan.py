@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfflow_world.errors import UserError, check_positive
+from selfflow_world.errors import UserError, check_count, check_positive
 
 TASKS = ("goal", "reward")
 PLANNERS = ("cem", "mppi")
@@ -113,9 +113,7 @@ class PlanConfig:
             "goal_offset",
             "budget",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
         if self.elites > self.population:
             raise UserError(f"elites ({self.elites}) must not exceed population ({self.population})")
         if self.execute > self.horizon:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from selfflow_world.errors import UserError, check_positive
+from selfflow_world.errors import UserError, check_count, check_positive
 
 ALGOS = ("ppo", "sac")
 NETWORKS = {"mlp": "MlpPolicy", "cnn": "CnnPolicy"}  # SB3 policy classes
@@ -92,13 +92,9 @@ class RLConfig:
             "buffer_size",
             "eval_episodes",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
         for name in ("learning_starts", "gradient_steps", "videos"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+            check_count(name, getattr(self, name), minimum=0)
         if not 1 <= self.sampler_steps <= 50:
             raise UserError(f"sampler_steps must be in [1, 50], got {self.sampler_steps}")
         check_positive("lr", self.lr)

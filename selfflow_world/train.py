@@ -35,7 +35,7 @@ from selfflow_world.checkpoint import (
 )
 from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
 from selfflow_world.episodes import manifest_fingerprint
-from selfflow_world.errors import UserError
+from selfflow_world.errors import UserError, check_count
 from selfflow_world.heads import Heads, recorded_rewards, save_heads
 from selfflow_world.logger import Logger
 from selfflow_world.model import (
@@ -136,9 +136,7 @@ class TrainConfig:
             "ckpt_every",
             "keep",
         ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
         if self.warmup < 0 or self.num_workers < 0:
             raise UserError(f"warmup and num_workers must be >= 0, got {self.warmup}, {self.num_workers}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not self.grad_clip > 0:
