@@ -31,6 +31,7 @@ from selfflow_world.checkpoint import (
     load_train_state,
     load_weights,
     read_meta,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from selfflow_world.clips import ClipDataset, ClipSpec, per_frame
@@ -92,6 +93,7 @@ class TrainConfig:
     out: str = "runs/reacher"
     steps: int = 20000
     resume: bool = False
+    init: Optional[str] = None  # noqa: UP045 - OmegaConf needs Optional
     seed: int = 0
     model: ModelChoice = field(default_factory=ModelChoice)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -199,9 +201,12 @@ def _check_data_matches(model_cfg: dict[str, Any], image: int, action_dim: int, 
         )
 
 
-def _resumed_model_config(saved: dict[str, Any], asked: ModelConfig, ckpt: Path) -> ModelConfig:
+def _resumed_model_config(
+    saved: dict[str, Any], asked: ModelConfig, ckpt: Path, flag: str = "resume=true"
+) -> ModelConfig:
     """The checkpoint's architecture. Settings that it predates keep their former defaults (e.g.
-    ``mlp_act``); any saved setting that this run's config changes is an error naming them."""
+    ``mlp_act``); any saved setting that this run's config changes is an error naming them
+    (``flag``, the option that reads the checkpoint, is named in it)."""
     resumed = ModelConfig.from_saved(saved, ckpt)
     changed = [
         f"{key}: checkpoint {value!r}, this run {getattr(asked, key)!r}"
@@ -210,7 +215,7 @@ def _resumed_model_config(saved: dict[str, Any], asked: ModelConfig, ckpt: Path)
     ]
     if changed:
         raise UserError(
-            f"checkpoint {ckpt} was built for another model config ({'; '.join(changed)}); resume=true "
+            f"checkpoint {ckpt} was built for another model config ({'; '.join(changed)}); {flag} "
             "continues the checkpoint's model: drop those settings, or start a new run with another out="
         )
     return resumed
@@ -240,14 +245,19 @@ class Trainer:
         self.fingerprint = manifest_fingerprint(Path(cfg.data))
 
         resume_from = self._resume_checkpoint()
-        if resume_from is not None:
-            saved = read_meta(resume_from)["model_config"]
-            _check_data_matches(saved, h, self.train_set.action_dim, resume_from)
+        # init=: a new run starts from another model's weights (fine-tuning); a run that already
+        # has checkpoints continues them instead, so rerunning the same command resumes it
+        init_from = resolve_checkpoint(cfg.init) if cfg.init and resume_from is None else None
+        source = resume_from or init_from
+        if source is not None:
+            saved = read_meta(source)["model_config"]
+            _check_data_matches(saved, h, self.train_set.action_dim, source)
         self.model_cfg = cfg.model.build(
             image_size=h, action_dim=self.train_set.action_dim, max_frames=spec.length
         )
-        if resume_from is not None:
-            self.model_cfg = _resumed_model_config(saved, self.model_cfg, resume_from)
+        if source is not None:
+            flag = "resume=true" if resume_from is not None else f"init={cfg.init}"
+            self.model_cfg = _resumed_model_config(saved, self.model_cfg, source, flag)
         self.layers = (
             cfg.objective.resolve_layers(self.model_cfg.depth) if cfg.objective.mode == "selfflow" else None
         )
@@ -285,6 +295,10 @@ class Trainer:
         self.wall_s = 0.0  # seconds spent in fit() over the whole run, resumes included
         if resume_from is not None:
             self._load(resume_from)
+        elif init_from is not None:
+            # the source's EMA weights (what a shipped model holds) start both student and teacher
+            load_weights(init_from, "ema", self.model)
+            load_weights(init_from, "ema", self.ema)
 
         self.train_model: torch.nn.Module = self.model
         if self.dist.world > 1:

@@ -95,6 +95,27 @@ def test_existing_run_needs_resume_flag(tiny_dataset, tmp_path):
         train(tiny_dataset, out, "steps=5")
 
 
+def test_init_starts_a_new_run_from_another_models_ema_weights(tiny_dataset, tmp_path):
+    src, tuned = tmp_path / "src", tmp_path / "tuned"
+    train(tiny_dataset, src, "steps=5", "objective=flow")
+    trainer = Trainer(make_cfg(tiny_dataset, tuned, "steps=5", "objective=flow", f"init={src}"))
+    source = WorldDiT(trainer.model_cfg)
+    load_weights(resolve_checkpoint(src), "ema", source)
+    for model in (trainer.model, trainer.ema):  # student and teacher both start from the source EMA
+        for (name, a), b in zip(model.state_dict().items(), source.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert trainer.step == 0
+    trainer.fit()
+    assert [s for s, _ in list_checkpoints(tuned)] == [5]
+    assert read_meta(resolve_checkpoint(tuned))["config"]["init"] == str(src)
+    # rerunning the same command continues the fine-tuned run, not the source
+    train(tiny_dataset, tuned, "steps=7", "objective=flow", f"init={src}", "resume=true")
+    assert sorted(losses(tuned)) == list(range(1, 8))
+    # another architecture than the source's is refused with the setting named
+    with pytest.raises(UserError, match=r"width.*init="):
+        train(tiny_dataset, tmp_path / "wide", "steps=1", f"init={src}", "model.width=96")
+
+
 def test_killed_checkpoint_write_keeps_last_good_one(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_dataset, out, "steps=5")
