@@ -197,6 +197,13 @@ def make_noisy(frames: Tensor, eps: Tensor, t: Tensor | float, patch: int) -> Te
     return (1 - t_pix) * frames + t_pix * eps
 
 
+def default_sampler_steps(t_one: float | None, steps: int = 4) -> int:
+    """Sampler steps per imagined frame for a model trained with ``t_one``: 1 when every target sat at
+    ``t = 1`` (``t_one >= 1``: the model never saw a partly noisy target, so more steps only add
+    error), else ``steps``."""
+    return 1 if t_one is not None and float(t_one) >= 1.0 else steps
+
+
 def ema_decay_at(step: int, cfg: ObjectiveConfig) -> float:
     """Teacher EMA decay at optimizer step ``step`` (0-based).
 

@@ -52,6 +52,7 @@ from selfflow_world.objective import (
     ObjectiveConfig,
     Projector,
     compute_loss,
+    default_sampler_steps,
     ema_decay_at,
     ema_update,
     make_teacher,
@@ -550,6 +551,12 @@ class Trainer:
             dist.barrier()
 
     # -- evaluation with the EMA weights --------------------------------------------------------
+    @property
+    def sample_steps(self) -> int:
+        """Sampler steps of validation and sample videos: ``sample_steps``, or 1 for a model trained
+        only at ``t = 1`` (as :attr:`WorldModel.sampler_steps` imagines with it)."""
+        return default_sampler_steps(self.cfg.objective.t_one, self.cfg.sample_steps)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Validation flow loss (fixed noise), and 1-step PSNR of sampled frames vs copying the last."""
@@ -577,7 +584,7 @@ class Trainer:
                 frames, actions = batch["frames"], batch["actions"]
                 state = rollouts.start(model, frames[:, :hist], actions[:, :hist])
                 pred = rollouts.advance(
-                    model, state, actions[:, hist], steps=self.cfg.sample_steps, generator=gen
+                    model, state, actions[:, hist], steps=self.sample_steps, generator=gen
                 )
                 noise = torch.randn(frames[:, hist].shape, generator=gen, device=gen.device).to(self.device)
                 other = torch.rand(actions[:, hist].shape, generator=gen, device=gen.device) * 2 - 1
@@ -649,8 +656,7 @@ class Trainer:
                 frames[None, :hist],
                 acts[None, :hist],
                 acts[None, hist:],
-                # a model trained only at t = 1 can only be sampled in one step
-                steps=1 if self.cfg.objective.t_one >= 1 else self.cfg.sample_steps,
+                steps=self.sample_steps,
                 generator=gen,
             )[0]
             video = side_by_side(to_uint8(frames[hist:]), to_uint8(imagined))

@@ -172,8 +172,9 @@ class WorldModel:
         """Sampler steps per frame when none are given: 1 for a model trained only at ``t = 1``
         (``objective.t_one=1``: it never saw a partly noisy target, so more steps only add error),
         else 4."""
-        t_one = self.meta.get("config", {}).get("objective", {}).get("t_one", 0.0)
-        return 1 if t_one is not None and float(t_one) >= 1.0 else 4
+        from selfflow_world.objective import default_sampler_steps
+
+        return default_sampler_steps(self.meta.get("config", {}).get("objective", {}).get("t_one", 0.0))
 
     @property
     def feature_layer(self) -> int:

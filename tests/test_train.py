@@ -360,3 +360,24 @@ def test_joint_heads_settings_are_checked(tiny_dataset, tmp_path):
         train(tiny_dataset, tmp_path / "h1", "steps=1", "history=1", "objective.heads_weight=1.0")
     with pytest.raises(UserError, match="heads_weight must be >= 0"):
         train(tiny_dataset, tmp_path / "neg", "steps=1", "objective.heads_weight=-1")
+
+
+def test_validation_samples_a_t_one_model_in_one_step(tiny_dataset, tmp_path, monkeypatch):
+    import selfflow_world.rollout as rollouts
+
+    seen = []
+    advance = rollouts.advance
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["steps"])
+        return advance(*args, **kwargs)
+
+    monkeypatch.setattr(rollouts, "advance", spy)
+    for t_one, expected in ((1.0, 1), (0.25, 4)):
+        seen.clear()
+        trainer = Trainer(
+            make_cfg(tiny_dataset, tmp_path / f"t{t_one}", "steps=1", f"objective.t_one={t_one}")
+        )
+        assert trainer.sample_steps == expected
+        trainer.validate()
+        assert seen and set(seen) == {expected}
