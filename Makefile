@@ -27,10 +27,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(SFW) demo out=$(DEMO_DIR)
 
-# Reproduce a shipped model from scratch (collect, train, evaluate, export; resumable: rerun to
-# continue). About 90 minutes on 2 CPU cores for `small`.
+# Reproduce a shipped model from scratch with its recipe (its MODEL_CARD.md): collect, train
+# (flow, every target at t = 1), fine-tune (reacher-easy: 3000 more steps), heads, evaluate,
+# export. Resumable: rerun to continue. About 1.5-2.5 hours on 2 CPU cores.
+FINETUNE ?= $(if $(filter reacher-easy,$(MODEL)),3000,0)
 reproduce: setup
-	bash bench/train_default.sh $(MODEL) $(STEPS)
+	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) bash bench/train_default.sh $(MODEL) $(STEPS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -33,14 +33,22 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 def read_curves(run: Path) -> dict[str, np.ndarray]:
     """Validation rows of a run's metrics.csv as arrays (step, wall_s, val_*)."""
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("val_flow_loss")]
-    keys = ["step", "wall_s", "val_flow_loss", "val_psnr", "val_action_gap", "val_psnr_copy_last"]
+    keys = [
+        "step",
+        "wall_s",
+        "val_flow_loss",
+        "val_psnr",
+        "val_action_gap",
+        "val_action_sensitivity",
+        "val_psnr_copy_last",
+    ]
     return {k: np.array([float(r[k]) if r.get(k) else np.nan for r in rows]) for k in keys}
 
 
-def steps_to_reach(curve: dict[str, np.ndarray], target: float) -> float:
-    """First validation step whose PSNR reaches ``target`` (NaN if never)."""
+def steps_to_reach(curve: dict[str, np.ndarray], target: float, key: str = "step") -> float:
+    """``key`` (step or wall_s) at the first validation whose PSNR reaches ``target`` (NaN if never)."""
     hit = np.nonzero(curve["val_psnr"] >= target)[0]
-    return float(curve["step"][hit[0]]) if len(hit) else float("nan")
+    return float(curve[key][hit[0]]) if len(hit) else float("nan")
 
 
 def final_figures(report: dict) -> dict[str, float]:
@@ -143,6 +151,7 @@ def main() -> None:
             "final_val_flow_loss": [float(c["val_flow_loss"][-1]) for c, _ in rows],
             "final_val_psnr": [float(c["val_psnr"][-1]) for c, _ in rows],
             "final_val_action_gap": [float(c["val_action_gap"][-1]) for c, _ in rows],
+            "final_val_action_sensitivity": [float(c["val_action_sensitivity"][-1]) for c, _ in rows],
             "seconds_per_step": [float(c["wall_s"][-1] / c["step"][-1]) for c, _ in rows],
         }
         for name in ("psnr_h8", "state_error_over_floor_h8", "following_ratio_h8", "probe_r2_best"):
@@ -155,6 +164,10 @@ def main() -> None:
             table["selfflow"].setdefault("steps_to_flow_final_psnr", []).append(reach)
             table["selfflow"].setdefault("step_ratio_vs_flow", []).append(
                 reach / float(curves[("flow", seed)]["step"][-1])
+            )
+            wall = steps_to_reach(curves[("selfflow", seed)], target, "wall_s")
+            table["selfflow"].setdefault("wall_ratio_vs_flow", []).append(
+                wall / float(curves[("flow", seed)]["wall_s"][-1])
             )
 
     lines = [
@@ -185,11 +198,11 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     for ax, key, title in zip(
         axes,
-        ("val_flow_loss", "val_psnr", "val_action_gap"),
-        ("validation flow loss", "one-step PSNR (dB)", "action gap"),
+        ("val_flow_loss", "val_psnr", "val_action_sensitivity", "val_action_gap"),
+        ("validation flow loss", "one-step PSNR (dB)", "action sensitivity", "action gap"),
         strict=True,
     ):
         for arm in arms:

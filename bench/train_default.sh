@@ -8,12 +8,14 @@
 # the episode count, training with resume=true), so an interrupted run is resumed by rerunning the
 # same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
 # episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads in the newest
-# checkpoint), runs/<name>/eval_test (the report on the held-out episodes). Environment: SFW
+# checkpoint), runs/<name>/eval_test (the report on the held-out episodes; runs/<name>-ft/... with FINETUNE). Environment: SFW
 # (default .venv/bin/sfw), WORKERS (collection processes, default 2), OBJECTIVE (default
 # selfflow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
-# "objective.t_one=1.0"), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default
-# 1). The shipped models:
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh reacher-easy 5000
+# "objective.t_one=1.0"), FINETUNE (steps of a second schedule, lr 1e-4, started from the first
+# run's EMA weights in runs/<name>-ft with `sfw train init=`; default 0 = none; heads, evaluation
+# and export then use that run), EVAL_STEPS (sampler steps per imagined frame in the evaluation,
+# default 1). The shipped models:
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh reacher-easy 5000
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,16 +26,25 @@ SFW="${SFW:-.venv/bin/sfw}"
 WORKERS="${WORKERS:-2}"
 OBJECTIVE="${OBJECTIVE:-selfflow}"
 BATCH="${BATCH:-16}"
+FINETUNE="${FINETUNE:-0}"
+RUN="runs/$NAME"
 
 $SFW collect env="dmc/$NAME" episodes=200 steps=100 seed=0 workers="$WORKERS" out="data/$NAME"
 $SFW collect env="dmc/$NAME" episodes=20 steps=100 seed=1 workers="$WORKERS" out="data/${NAME}_test"
-$SFW train data="data/$NAME" out="runs/$NAME" model=small objective="$OBJECTIVE" steps="$STEPS" \
+$SFW train data="data/$NAME" out="$RUN" model=small objective="$OBJECTIVE" steps="$STEPS" \
     batch_size="$BATCH" resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
+if [ "$FINETUNE" -gt 0 ]; then
+    # a second cosine schedule from the first run's EMA weights (rerun: continues it, init= is then unused)
+    $SFW train data="data/$NAME" out="$RUN-ft" init="$RUN" model=small objective="$OBJECTIVE" \
+        steps="$FINETUNE" lr=0.0001 warmup=100 batch_size="$BATCH" resume=true val_every=500 \
+        ckpt_every=250 sample_every=2500 ${EXTRA:-}
+    RUN="$RUN-ft"
+fi
 # reward/termination heads on the frozen model (stored in its newest checkpoint; the eval reports them)
-$SFW heads ckpt="runs/$NAME" data="data/$NAME" eval_data="data/${NAME}_test"
-$SFW eval ckpt="runs/$NAME" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
-    out="runs/$NAME/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
+$SFW heads ckpt="$RUN" data="data/$NAME" eval_data="data/${NAME}_test"
+$SFW eval ckpt="$RUN" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
+    out="$RUN/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
 # the shipped-model directory (bf16 EMA weights, the heads, meta.json, MODEL_CARD.md with the figures above);
 # copy it to selfflow_world/models/$NAME when it measures better than the shipped one
-.venv/bin/python -m selfflow_world.pretrained "runs/$NAME" "runs/$NAME/shipped/$NAME" \
-    --report "runs/$NAME/eval_test/report.json" --hardware "${HARDWARE:-$(nproc) CPU cores, $(uname -m)}"
+.venv/bin/python -m selfflow_world.pretrained "$RUN" "$RUN/shipped/$NAME" \
+    --report "$RUN/eval_test/report.json" --hardware "${HARDWARE:-$(nproc) CPU cores, $(uname -m)}"

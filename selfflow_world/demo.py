@@ -6,8 +6,10 @@
 It collects a few fresh real episodes (rendered as the model's training data was), imagines them
 from their first frames under their real actions and under alternative actions, and writes
 real | imagined | error videos, one start under several action sequences (simulator | model), the
-consistency report with its plots, and a short summary. Nothing is trained except the small state
-probe the report needs (seconds) and nothing is downloaded.
+consistency report with its plots, and a short summary. Then, where the env has a goal protocol
+(reacher), it plans: one goal-reaching episode controlled by CEM in the model's imagination, with a
+video of the real execution beside the imagined plan and the goal. Nothing is trained except the
+small state probe the report needs (seconds) and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -34,10 +36,26 @@ class DemoConfig:
     workers: int = 2
     device: str = "auto"
     probe_epochs: int = 30
+    plan_episodes: int = 1  # goal-reaching episodes planned in imagination (0: none)
+    plan_budget: int = 30  # agent steps each may take
 
     def check(self) -> None:
-        for name in ("episodes", "steps", "horizon", "sampler_steps", "workers", "probe_epochs"):
+        for name in (
+            "episodes",
+            "steps",
+            "horizon",
+            "sampler_steps",
+            "workers",
+            "probe_epochs",
+            "plan_budget",
+        ):
             check_positive(name, getattr(self, name))
+        if (
+            isinstance(self.plan_episodes, bool)
+            or not isinstance(self.plan_episodes, int)
+            or self.plan_episodes < 0
+        ):
+            raise UserError(f"plan_episodes must be an integer >= 0, got {self.plan_episodes!r}")
         if self.episodes < 2:
             raise UserError(
                 f"episodes must be at least 2 (the report compares rollouts), got {self.episodes}"
@@ -102,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         ),
         wm=wm,
     )
+    plan = _plan_episodes(cfg, wm, env, out)
     seconds = time.perf_counter() - began
     action_video = next((v for v in videos if "action_sequences" in v), None)
     files = {
@@ -121,4 +140,43 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"  one start under several action sequences (simulator | model): {', '.join(files['actions_video'])}",
         f"  report: {files['report']} (plots beside it)",
     ]
+    if plan is not None:
+        files["plan_videos"] = [f for f in plan["videos"] if f.endswith(".mp4")]
+        files["plan_report"] = str(out / "plan" / "report.md")
+        lines[2:2] = [plan["summary_text"]]
+        lines.append(
+            f"  planning: {', '.join(files['plan_videos'])} (real | imagined plan | goal), {files['plan_report']}"
+        )
     return {"summary": "\n".join(lines), "files": files, "seconds": seconds}
+
+
+def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
+    """Goal-reaching episodes planned with CEM in the model, or None where the env has no goal
+    protocol or none are asked. A small search (32 candidates x 5 steps x 2 iterations, two
+    actions executed per plan) keeps an episode within about a minute on 2 CPU cores; the pixel
+    score, which plans better than the feature score with the shipped model (BENCHMARKS.md)."""
+    from selfflow_world.plan import GOAL_JOINTS, PlanConfig, run_plan
+
+    if cfg.plan_episodes == 0 or env not in GOAL_JOINTS:
+        return None
+    plan_cfg = PlanConfig(
+        ckpt=cfg.ckpt,
+        env=env,
+        planner="cem",
+        task="goal",
+        episodes=cfg.plan_episodes,
+        out=str(out / "plan"),
+        arms=["model"],
+        score="pixels",
+        population=32,
+        iterations=2,
+        elites=4,
+        execute=2,
+        budget=cfg.plan_budget,
+        sampler_steps=cfg.sampler_steps,
+        videos=cfg.plan_episodes,
+        seed=cfg.seed,
+        device=cfg.device,
+        resume=False,
+    )
+    return run_plan(plan_cfg, wm=wm, progress=False)

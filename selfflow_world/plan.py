@@ -535,7 +535,7 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
             res.update(episode=number, env_seed=start.env_seed, arm=arm)
             if "_video" in res:
                 real, imagined = res.pop("_video")
-                panels = [label(real, "real"), label(imagined, "imagined plan")]
+                panels = [label(real, "real"), label(imagined, "imagined")]
                 if cfg.task == "goal":
                     panels.append(label(np.broadcast_to(start.goal_frame, real.shape).copy(), "goal"))
                 grid = np.concatenate(panels, axis=2).repeat(2, 1).repeat(2, 2)

@@ -28,7 +28,7 @@ HOW_TO_MAKE = (
 )
 # how the shipped models were trained, where it differs from train_default.sh's defaults
 RECIPES = {
-    "reacher-easy": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh reacher-easy 5000',
+    "reacher-easy": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh reacher-easy 5000',
     "cartpole-swingup": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh cartpole-swingup 5000',
 }
 
@@ -160,6 +160,13 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str, heads:
         f"{cfg.get('history')} context + {cfg.get('future')} target frames per clip |",
         f"| training | {meta.get('step')} of {cfg.get('steps')} scheduled steps, batch {cfg.get('batch_size')}, lr {cfg.get('lr')}, objective "
         f"{obj.get('mode')} (weighting {obj.get('weighting')}, t_one {obj.get('t_one')}) |",
+        *(
+            [
+                f"| starting weights | `{cfg['init']}` (`sfw train init=`: its EMA weights, a fresh optimizer and schedule) |"
+            ]
+            if cfg.get("init")
+            else []
+        ),
         f"| hardware | {hardware} |",
         f"| training time | {wall / 60:.0f} min |" if wall else "| training time | see the run's log |",
         f"| reproduce | `{RECIPES.get(name, HOW_TO_MAKE.format(name=name))}` |",

@@ -49,9 +49,14 @@ def test_demo_end_to_end_on_a_tiny_model(shipped, tmp_path, capsys):
         "horizon=4",
         "probe_epochs=2",
         "workers=1",
+        "plan_budget=4",
     ]
     assert main(["demo", *args]) == 0
     printed = capsys.readouterr().out
+    assert "goal planning in dmc/reacher-easy" in printed
+    assert (out / "plan" / "episode_0000.mp4").stat().st_size > 1000 and (
+        out / "plan" / "report.md"
+    ).is_file()
     assert "action-following ratio" in printed and str(out / "eval" / "report.md") in printed
     assert len(list((out / "imagine").glob("ep_*.mp4"))) == 3
     assert (out / "imagine" / "actions.mp4").stat().st_size > 1000
@@ -68,6 +73,7 @@ def test_demo_bad_input_is_refused(shipped, tmp_path, capsys):
         (["episodes=1"], "episodes must be at least 2"),
         (["env=dmc/cartpole-swingup"], "trained on dmc/reacher-easy"),
         (["steps=3", "horizon=4"], "raise steps or lower horizon"),
+        (["plan_episodes=-1"], "plan_episodes must be an integer >= 0"),
     ]:
         assert main(["demo", *base, *extra]) == 2
         assert match in capsys.readouterr().err
