@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--score", default="features")
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
+    p.add_argument("--execute", type=int, default=1, help="actions executed per plan before replanning")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_plan")
     args = p.parse_args()
@@ -46,7 +47,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); goal task, {args.planner}, "
-        f"score {args.score}, {args.episodes} episodes, {args.sampler_steps} sampler step(s)"
+        f"score {args.score}, {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
+        f"{args.execute} action(s) per plan"
     )
     print("| setting (pop x horizon x iters) | arm | frames per plan | s per plan | success | 95% CI |")
     print("|---|---|---|---|---|---|")
@@ -58,13 +60,14 @@ def main() -> None:
             task="goal",
             score=args.score,
             episodes=args.episodes,
-            out=os.path.join(args.out, f"{args.score}_{setting}"),
+            out=os.path.join(args.out, f"{args.score}_{setting}_x{args.execute}"),
             arms=args.arms.split(","),
             population=population,
             horizon=horizon,
             iterations=iterations,
             elites=max(2, population // 8),
             sampler_steps=args.sampler_steps,
+            execute=args.execute,
             videos=0,
         )
         report = run_plan(cfg, wm=wm, progress=False)
