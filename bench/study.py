@@ -1,18 +1,20 @@
 """The Self-Flow study: flow vs dts vs selfflow on the same data, model, steps and seeds.
 
 Trains every arm x seed with ``sfw train`` (resumable: rerun the same command to continue), evaluates
-each final checkpoint with ``sfw eval`` on held-out episodes, and writes ``study.md`` (the table),
-``study.json`` and ``study_curves.png`` (validation curves per arm, mean over seeds with a min-max
-band) into ``--out``. Outcomes per arm: validation flow loss, one-step validation PSNR and action gap
-over training steps with wall-clock per step; at the end PSNR and probed state error at horizon 8,
-the action-following ratio and the linear-probe R^2 of the physics state from the features; and
-the steps ``selfflow`` needs to reach ``flow``'s final validation PSNR, per seed.
+each final checkpoint with ``sfw eval`` on held-out episodes (and, with ``--plan-episodes``, plans
+goal-reaching episodes with it), and writes ``study.md`` (the table), ``study.json`` and
+``study_curves.png`` (validation curves per arm, mean over seeds with a min-max band) into
+``--out``. Outcomes per arm: validation flow loss, one-step validation PSNR, action sensitivity and
+action gap over training steps, with wall-clock per step; at the end PSNR and probed state error at
+horizon 8, the action-following ratio, the linear-probe R^2 of the physics state from the features
+and the goal-reaching success; and the steps and wall-clock ``selfflow`` needs to reach ``flow``'s
+final validation PSNR, per seed, as ratios to flow's.
 
     python bench/study.py --data data/reacher --test data/reacher_test --steps 1500 --seeds 0,1
     python bench/study.py ... --extra objective.t_one=0.5       # any sfw train override for all arms
 
-With ``small`` at batch 16 on 2 CPU cores a step takes about 0.6 s (flow) to 0.7 s (selfflow), so
-3 arms x 2 seeds x 1500 steps is about 90 minutes (BENCHMARKS.md has measured step times).
+A `small` step at batch 16 on 2 CPU cores takes 0.4-0.7 s (flow; selfflow about 1.2x), so 3 arms x
+2 seeds x 1000-1500 steps take 1-1.5 hours with the evaluations (BENCHMARKS.md, docs/study.md).
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--eval-episodes", type=int, default=20)
+    p.add_argument(
+        "--plan-episodes",
+        type=int,
+        default=0,
+        help="goal-reaching episodes planned with each final model (CEM 32x5x2, pixel score; 0 = none)",
+    )
     p.add_argument("--extra", nargs="*", default=[], help="sfw train overrides applied to every arm")
     p.add_argument(
         "--report-only", action="store_true", help="skip training and evaluation, rebuild the table"
@@ -136,6 +144,26 @@ def main() -> None:
                     ],
                     check=True,
                 )
+            if args.plan_episodes > 0 and not (run / "plan" / "report.json").is_file():
+                subprocess.run(
+                    [
+                        sfw,
+                        "plan",
+                        f"ckpt={run}",
+                        "task=goal",
+                        "score=pixels",
+                        f"episodes={args.plan_episodes}",
+                        "arms=[model]",
+                        "population=32",
+                        "horizon=5",
+                        "iterations=2",
+                        "elites=4",
+                        "execute=2",
+                        "videos=0",
+                        f"out={run / 'plan'}",
+                    ],
+                    check=True,
+                )
 
     curves = {key: read_curves(run) for key, run in runs.items()}
     finals = {
@@ -144,6 +172,11 @@ def main() -> None:
         else {}
         for key, run in runs.items()
     }
+    for key, run in runs.items():
+        if (run / "plan" / "report.json").is_file():
+            finals[key]["goal_success"] = json.loads((run / "plan" / "report.json").read_text())["arms"][
+                "model"
+            ]["success"]
     table = {}
     for arm in arms:
         rows = [(curves[(arm, s)], finals[(arm, s)]) for s in seeds]
@@ -154,7 +187,13 @@ def main() -> None:
             "final_val_action_sensitivity": [float(c["val_action_sensitivity"][-1]) for c, _ in rows],
             "seconds_per_step": [float(c["wall_s"][-1] / c["step"][-1]) for c, _ in rows],
         }
-        for name in ("psnr_h8", "state_error_over_floor_h8", "following_ratio_h8", "probe_r2_best"):
+        for name in (
+            "psnr_h8",
+            "state_error_over_floor_h8",
+            "following_ratio_h8",
+            "probe_r2_best",
+            "goal_success",
+        ):
             entry[name] = [f.get(name, float("nan")) for _, f in rows]
         table[arm] = entry
     if "flow" in arms and "selfflow" in arms:
