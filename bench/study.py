@@ -92,13 +92,15 @@ def main() -> None:
         "--plan-episodes",
         type=int,
         default=0,
-        help="goal-reaching episodes planned with each final model (CEM 32x5x2, pixel score; 0 = none)",
+        help="goal-reaching episodes planned with each final model (plan.QUICK_GOAL_SEARCH; 0 = none)",
     )
     p.add_argument("--extra", nargs="*", default=[], help="sfw train overrides applied to every arm")
     p.add_argument(
         "--report-only", action="store_true", help="skip training and evaluation, rebuild the table"
     )
     args = p.parse_args()
+
+    from selfflow_world.plan import QUICK_GOAL_SEARCH
 
     sfw = str(Path(sys.executable).with_name("sfw"))
     out = Path(args.out)
@@ -151,14 +153,9 @@ def main() -> None:
                         "plan",
                         f"ckpt={run}",
                         "task=goal",
-                        "score=pixels",
                         f"episodes={args.plan_episodes}",
                         "arms=[model]",
-                        "population=32",
-                        "horizon=5",
-                        "iterations=2",
-                        "elites=4",
-                        "execute=2",
+                        *(f"{k}={v}" for k, v in QUICK_GOAL_SEARCH.items()),
                         "videos=0",
                         f"out={run / 'plan'}",
                     ],

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfflow_world.errors import UserError, check_positive
+from selfflow_world.errors import UserError, check_count, check_positive
 
 
 @dataclass
@@ -50,12 +50,7 @@ class DemoConfig:
             "plan_budget",
         ):
             check_positive(name, getattr(self, name))
-        if (
-            isinstance(self.plan_episodes, bool)
-            or not isinstance(self.plan_episodes, int)
-            or self.plan_episodes < 0
-        ):
-            raise UserError(f"plan_episodes must be an integer >= 0, got {self.plan_episodes!r}")
+        check_count("plan_episodes", self.plan_episodes, minimum=0)
         if self.episodes < 2:
             raise UserError(
                 f"episodes must be at least 2 (the report compares rollouts), got {self.episodes}"
@@ -151,11 +146,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
-    """Goal-reaching episodes planned with CEM in the model, or None where the env has no goal
-    protocol or none are asked. A small search (32 candidates x 5 steps x 2 iterations, two
-    actions executed per plan) keeps an episode within about a minute on 2 CPU cores; the pixel
-    score, which plans better than the feature score with the shipped model (BENCHMARKS.md)."""
-    from selfflow_world.plan import GOAL_JOINTS, PlanConfig, run_plan
+    """Goal-reaching episodes planned with CEM in the model (:data:`plan.QUICK_GOAL_SEARCH`), or
+    None where the env has no goal protocol or none are asked."""
+    from selfflow_world.plan import GOAL_JOINTS, QUICK_GOAL_SEARCH, PlanConfig, run_plan
 
     if cfg.plan_episodes == 0 or env not in GOAL_JOINTS:
         return None
@@ -167,11 +160,7 @@ def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
         episodes=cfg.plan_episodes,
         out=str(out / "plan"),
         arms=["model"],
-        score="pixels",
-        population=32,
-        iterations=2,
-        elites=4,
-        execute=2,
+        **QUICK_GOAL_SEARCH,
         budget=cfg.plan_budget,
         sampler_steps=cfg.sampler_steps,
         videos=cfg.plan_episodes,

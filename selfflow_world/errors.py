@@ -21,5 +21,5 @@ def check_positive(name: str, value: int | float) -> None:
 def check_count(name: str, value: int, minimum: int = 1) -> None:
     """Raise :class:`UserError` unless ``value`` is an integer (not a bool) >= ``minimum`` (1 or 0)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum >= 1 else "a non-negative integer"
+        kind = "a positive integer" if minimum >= 1 else "an integer >= 0"
         raise UserError(f"{name} must be {kind}, got {value!r}")

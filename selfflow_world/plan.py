@@ -43,6 +43,19 @@ PLANNERS = ("cem", "mppi")
 SCORES = ("auto", "features", "pixels", "reward")
 ARMS = ("model", "random", "simulator")
 
+# a small CEM search that plans a goal episode within about a minute on 2 CPU cores (32 candidates
+# x 5 steps x 2 iterations, two actions executed per plan), with the pixel score, which plans
+# better than the feature score with the shipped reacher model (BENCHMARKS.md); the demo and
+# bench/study.py use it
+QUICK_GOAL_SEARCH: dict[str, Any] = {
+    "score": "pixels",
+    "population": 32,
+    "horizon": 5,
+    "iterations": 2,
+    "elites": 4,
+    "execute": 2,
+}
+
 # goal joints per env: (qpos indices, names) whose distance decides goal success
 GOAL_JOINTS: dict[str, tuple[list[int], list[str]]] = {
     "dmc/reacher-easy": ([0, 1], ["shoulder", "wrist"]),
