@@ -28,9 +28,9 @@ demo: setup
 	$(SFW) demo out=$(DEMO_DIR)
 
 # Reproduce a shipped model from scratch with its recipe (its MODEL_CARD.md): collect, train
-# (flow, every target at t = 1), fine-tune (reacher-easy: 3000 more steps), heads, evaluate,
+# (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), heads, evaluate,
 # export. Resumable: rerun to continue. About 1.5-2.5 hours on 2 CPU cores.
-FINETUNE ?= $(if $(filter reacher-easy,$(MODEL)),3000,0)
+FINETUNE ?= 3000
 reproduce: setup
 	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) bash bench/train_default.sh $(MODEL) $(STEPS)
 

@@ -16,7 +16,7 @@
 # and export then use that run), EVAL_STEPS (sampler steps per imagined frame in the evaluation,
 # default 1). The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh reacher-easy 5000
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" bash bench/train_default.sh cartpole-swingup 5000
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
