@@ -29,6 +29,11 @@ def main() -> None:
     )
     p.add_argument("--planner", default="cem")
     p.add_argument("--score", default="features")
+    p.add_argument(
+        "--pixel-blur",
+        default="0",
+        help="pixel score: comma-separated box-blur radii, 0 = sharp, e.g. 0,2,4,8",
+    )
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
     p.add_argument("--execute", type=int, default=1, help="actions executed per plan before replanning")
@@ -47,11 +52,13 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); goal task, {args.planner}, "
-        f"score {args.score}, {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
+        f"score {args.score} (blur {args.pixel_blur}), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
         f"{args.execute} action(s) per plan"
     )
     print("| setting (pop x horizon x iters) | arm | frames per plan | s per plan | success | 95% CI |")
     print("|---|---|---|---|---|---|")
+    blur = [int(v) for v in args.pixel_blur.split(",")]
+    tag = args.score if blur == [0] else f"{args.score}-blur{'-'.join(map(str, blur))}"
     for setting in args.settings.split(","):
         population, horizon, iterations = (int(v) for v in setting.lower().split("x"))
         cfg = PlanConfig(
@@ -59,8 +66,9 @@ def main() -> None:
             planner=args.planner,
             task="goal",
             score=args.score,
+            pixel_blur=blur,
             episodes=args.episodes,
-            out=os.path.join(args.out, f"{args.score}_{setting}_x{args.execute}"),
+            out=os.path.join(args.out, f"{tag}_{setting}_x{args.execute}"),
             arms=args.arms.split(","),
             population=population,
             horizon=horizon,

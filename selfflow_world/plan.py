@@ -28,6 +28,7 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class PlanConfig:
     planner: str = "cem"
     task: str = "goal"
     score: str = "auto"  # goal: features (default) or pixels; reward: reward
+    pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
     episodes: int = 50
     out: str = "???"
     arms: list[str] = field(default_factory=lambda: list(ARMS))
@@ -131,6 +133,12 @@ class PlanConfig:
             raise UserError(f"elites ({self.elites}) must not exceed population ({self.population})")
         if self.execute > self.horizon:
             raise UserError(f"execute ({self.execute}) must not exceed horizon ({self.horizon})")
+        radii = list(self.pixel_blur) if isinstance(self.pixel_blur, (list, tuple)) else None
+        if not radii or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in radii):
+            raise UserError(
+                "pixel_blur must be a non-empty list of integers >= 0 (box-blur radii in pixels, "
+                f"0 = sharp, e.g. [0, 2, 4, 8]), got {self.pixel_blur!r}"
+            )
         for name in ("temperature", "noise_std", "tolerance"):
             check_positive(name, getattr(self, name))
 
@@ -213,17 +221,46 @@ def feature_distance(features: Tensor, goal: Tensor) -> Tensor:
     return (_token_norm(features) - _token_norm(goal)[None]).pow(2).mean((1, 2))
 
 
-def pixel_distance(frames: Tensor, goal: Tensor) -> Tensor:
-    """Mean squared pixel distance ``(N,)`` of float frames ``(N, C, H, W)`` to ``goal (C, H, W)``."""
-    return (frames.float() - goal.float()[None]).pow(2).mean((1, 2, 3))
+def box_blur(frames: Tensor, radius: int) -> Tensor:
+    """Each pixel of ``frames (N, C, H, W)`` replaced by the mean of the ``(2 radius + 1)``-wide
+    square around it (pixels outside the image not counted); two separable passes."""
+    if radius == 0:
+        return frames
+    k = 2 * radius + 1
+    pool = torch.nn.functional.avg_pool2d
+    frames = pool(frames, (k, 1), stride=1, padding=(radius, 0), count_include_pad=False)
+    return pool(frames, (1, k), stride=1, padding=(0, radius), count_include_pad=False)
+
+
+def pixel_distance(frames: Tensor, goal: Tensor, blur: Sequence[int] = (0,)) -> Tensor:
+    """Mean squared pixel distance ``(N,)`` of float frames ``(N, C, H, W)`` to ``goal (C, H, W)``,
+    averaged over the box-blur radii ``blur`` (0 = the sharp images).
+
+    Sharp, two images of an arm that do not overlap are equally far apart whatever the angle between
+    them; blurred by a radius comparable to that gap they overlap, so nearer arms rank as nearer.
+    """
+    frames, goal = frames.float(), goal.float()[None]
+    total = frames.new_zeros(frames.shape[0])
+    for r in blur:
+        total += (box_blur(frames, r) - box_blur(goal, r)).pow(2).mean((1, 2, 3))
+    return total / len(blur)
 
 
 class ModelScorer:
     """Scores action sequences by imagining them: ``begin`` at each replanning step, then call."""
 
-    def __init__(self, wm, score: str, sampler_steps: int, generator: torch.Generator, goal=None):
+    def __init__(
+        self,
+        wm,
+        score: str,
+        sampler_steps: int,
+        generator: torch.Generator,
+        goal=None,
+        pixel_blur: Sequence[int] = (0,),
+    ):
         self.wm, self.score, self.steps, self.generator = wm, score, sampler_steps, generator
         self.goal = goal  # features (L, D) or float frame (C, H, W)
+        self.pixel_blur = tuple(pixel_blur)
         self.frames = 0
 
     def begin(self, context: np.ndarray, context_actions: np.ndarray) -> None:
@@ -267,7 +304,7 @@ class ModelScorer:
                     state, actions[:, h], normalized=True, steps=self.steps, generator=self.generator
                 )
                 if self.score == "pixels" and last:
-                    total -= pixel_distance(frame, self.goal).to(total.device)
+                    total -= pixel_distance(frame, self.goal, self.pixel_blur).to(total.device)
             if keep:
                 kept.append(frame)
         self.frames += n * horizon
@@ -281,8 +318,9 @@ class SimulatorScorer:
     """The same scores with the simulator as the model: each candidate replayed from the restored
     physics state of the real env (features: the model's features of the simulator's frames)."""
 
-    def __init__(self, env, wm, score: str, goal=None):
+    def __init__(self, env, wm, score: str, goal=None, pixel_blur: Sequence[int] = (0,)):
         self.env, self.wm, self.score, self.goal = env, wm, score, goal
+        self.pixel_blur = tuple(pixel_blur)
         self.frames = 0
 
     def begin(
@@ -324,7 +362,7 @@ class SimulatorScorer:
             return torch.as_tensor(scores, dtype=torch.float32, device=actions.device)
         clips_t = to_float(np.stack(clips))
         if self.score == "pixels":
-            return -pixel_distance(clips_t[:, -1], self.goal).to(actions.device)
+            return -pixel_distance(clips_t[:, -1], self.goal, self.pixel_blur).to(actions.device)
         feats = self.wm.clip_features(clips_t, np.stack(clip_actions))
         return -feature_distance(feats, self.goal).to(actions.device)
 
@@ -521,9 +559,9 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                 stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
             scorer = None  # random actions need none
             if arm == "model":
-                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal)
+                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, cfg.pixel_blur)
             elif arm == "simulator":
-                scorer = SimulatorScorer(sim_env, wm, score, goal)
+                scorer = SimulatorScorer(sim_env, wm, score, goal, cfg.pixel_blur)
             steps = cfg.budget if cfg.task == "goal" else cfg.reward_steps or 10**9
             res = control(
                 cfg,
@@ -641,10 +679,13 @@ def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) ->
             entry["imagined_frames_per_plan"] = float(np.mean([r["imagined_frames_per_plan"] for r in rows]))
         arms[arm] = entry
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "device")}
+    score = cfg.resolved_score
+    if score == "pixels" and list(cfg.pixel_blur) != [0]:
+        score += f" blurred by {list(cfg.pixel_blur)}"
     return {
         "env": env_name,
         "task": cfg.task,
-        "score": cfg.resolved_score,
+        "score": score,
         "settings": settings,
         "arms": arms,
     }

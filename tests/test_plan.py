@@ -12,8 +12,10 @@ import torch
 from selfflow_world.errors import UserError
 from selfflow_world.plan import (
     PlanConfig,
+    box_blur,
     feature_distance,
     joint_distance,
+    pixel_distance,
     proportion_ci,
     reached,
     run_plan,
@@ -46,6 +48,38 @@ def test_feature_distance_is_zero_at_the_goal_and_grows_away():
     feats = torch.stack([goal, goal + 0.1 * torch.randn(4, 8), torch.randn(4, 8)])
     d = feature_distance(feats, goal)
     assert d[0] < 1e-6 < d[1] < d[2]
+
+
+def _arm_frame(column: int, size: int = 32) -> torch.Tensor:
+    """A dark frame with a bright vertical bar (an 'arm') 2 pixels wide at ``column``."""
+    frame = -torch.ones(3, size, size)
+    frame[:, 4:28, column : column + 2] = 1.0
+    return frame
+
+
+def test_sharp_pixel_distance_is_the_mean_squared_error():
+    frames, goal = torch.rand(3, 3, 16, 16), torch.rand(3, 16, 16)
+    expected = (frames - goal).pow(2).mean((1, 2, 3))
+    assert torch.allclose(pixel_distance(frames, goal), expected)
+    assert torch.allclose(pixel_distance(frames, goal, [0]), expected)
+    assert pixel_distance(goal[None], goal, [0, 2, 4, 8]).abs().max() < 1e-12
+
+
+def test_box_blur_is_a_normalised_square_mean():
+    frame = torch.rand(1, 2, 9, 9)
+    blurred = box_blur(frame, 1)
+    assert torch.allclose(blurred[0, :, 4, 4], frame[0, :, 3:6, 3:6].mean((1, 2)))
+    assert torch.allclose(blurred[0, :, 0, 0], frame[0, :, :2, :2].mean((1, 2)))  # corner: 4 pixels
+    assert torch.allclose(box_blur(torch.ones(1, 1, 5, 5), 3), torch.ones(1, 1, 5, 5))
+
+
+def test_blurred_pixel_distance_ranks_a_nearer_non_overlapping_arm_as_nearer():
+    goal = _arm_frame(4)
+    near, far = _arm_frame(10), _arm_frame(24)  # neither overlaps the goal's bar
+    sharp = pixel_distance(torch.stack([near, far]), goal)
+    assert torch.isclose(sharp[0], sharp[1])  # sharp, they are equally far
+    blurred = pixel_distance(torch.stack([near, far]), goal, [0, 2, 4, 8])
+    assert blurred[0] < blurred[1]
 
 
 def _pixel_world_model(size: int = 32):
@@ -152,6 +186,8 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "reward", "score": "pixels"}, "does not fit"),
         ({"arms": ["oracle"]}, "arms must be"),
         ({"out": "???"}, "out= is required"),
+        ({"pixel_blur": []}, "pixel_blur must be a non-empty list"),
+        ({"pixel_blur": [-1, 2]}, "pixel_blur must be a non-empty list"),
     ],
 )
 def test_bad_settings_are_refused(overrides, message, tmp_path):
