@@ -32,7 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class RLConfig:
     learning_starts: int = 1000  # SAC
     gradient_steps: int = 1  # SAC: per vec-env step
     eval_episodes: int = 5
+    eval_steps: Optional[int] = None  # noqa: UP045 - real agent steps per evaluation episode (None: horizon)
     videos: int = 1
     seed: int = 0
     device: str = "auto"
@@ -93,6 +94,8 @@ class RLConfig:
             "eval_episodes",
         ):
             check_count(name, getattr(self, name))
+        if self.eval_steps is not None:
+            check_count("eval_steps", self.eval_steps)
         for name in ("learning_starts", "gradient_steps", "videos"):
             check_count(name, getattr(self, name), minimum=0)
         if not 1 <= self.sampler_steps <= 50:
@@ -100,6 +103,11 @@ class RLConfig:
         check_positive("lr", self.lr)
         if not 0 < self.gamma <= 1:
             raise UserError(f"gamma must be in (0, 1], got {self.gamma}")
+
+    @property
+    def real_steps(self) -> int:
+        """Agent steps of a real evaluation episode."""
+        return self.horizon if self.eval_steps is None else self.eval_steps
 
     @property
     def resolved_policy(self) -> str:
@@ -190,12 +198,12 @@ def make_agent(cfg: RLConfig, venv, out: Path):
 def real_episode(env, dream, act, seed: int, steps: int) -> dict[str, Any]:
     """One episode in the real env from the dream envs' start for ``seed``: ``act(obs, t)`` gives
     the action from the observation the dream env would give for the real frames so far. Returns
-    the return, the steps taken and the real frames (context included)."""
+    the return, the rewards per step, the steps taken and the real frames (context included)."""
     from selfflow_world.envs.dream import env_context
 
     frames, actions = env_context(env, seed, dream.wm.history)
     frames, actions = list(frames), list(actions)
-    total, taken = 0.0, 0
+    rewards: list[float] = []
     for t in range(steps):
         obs = dream.observe_real(
             np.stack(frames[-dream.wm.history - 1 :]), np.stack(actions[-dream.wm.history - 1 :])
@@ -204,11 +212,10 @@ def real_episode(env, dream, act, seed: int, steps: int) -> dict[str, Any]:
         frame, reward, terminated, truncated, _ = env.step(action)
         frames.append(frame)
         actions.append(action)
-        total += float(reward)
-        taken += 1
+        rewards.append(float(reward))
         if terminated or truncated:
             break
-    return {"return": total, "steps": taken, "frames": np.stack(frames)}
+    return {"return": sum(rewards), "rewards": rewards, "steps": len(rewards), "frames": np.stack(frames)}
 
 
 def dream_episode(dream, act, seed: int) -> dict[str, Any]:
@@ -256,16 +263,19 @@ def evaluate(cfg: RLConfig, agent, wm, out: Path) -> tuple[dict[str, Any], list[
     videos: list[str] = []
     try:
         for number, seed in enumerate(eval_seeds(cfg)):
-            plan = np.random.default_rng([cfg.seed, seed]).uniform(low, high, (cfg.horizon, len(low)))
+            length = max(cfg.horizon, cfg.real_steps)
+            plan = np.random.default_rng([cfg.seed, seed]).uniform(low, high, (length, len(low)))
             randomly = lambda obs, t, plan=plan: plan[t].astype(np.float32)  # noqa: E731
             for arm, act in (("policy", policy), ("random", randomly)):
-                real = real_episode(env, dream, act, seed, cfg.horizon)
+                real = real_episode(env, dream, act, seed, cfg.real_steps)
                 imagined = dream_episode(dream, act, seed)
                 rows[arm].append(
                     {
                         "episode": number,
                         "env_seed": int(seed),
                         "return": real["return"],
+                        # over the imagined episode's length: the figure to set beside the imagined return
+                        "return_at_horizon": float(sum(real["rewards"][: cfg.horizon])),
                         "steps": real["steps"],
                         "imagined_return": imagined["return"],
                         "imagined_steps": imagined["steps"],
@@ -301,12 +311,16 @@ def summarise(cfg: RLConfig, rows: dict[str, list[dict[str, Any]]]) -> dict[str,
     arms = {}
     for arm, episodes in rows.items():
         real = mean_ci([e["return"] for e in episodes])
+        at_horizon = mean_ci([e["return_at_horizon"] for e in episodes])
         imagined = mean_ci([e["imagined_return"] for e in episodes])
         arms[arm] = {
             "episodes": len(episodes),
             "return_mean": real[0],
             "return_low": real[1],
             "return_high": real[2],
+            "return_at_horizon_mean": at_horizon[0],
+            "return_at_horizon_low": at_horizon[1],
+            "return_at_horizon_high": at_horizon[2],
             "imagined_return_mean": imagined[0],
             "imagined_return_low": imagined[1],
             "imagined_return_high": imagined[2],
@@ -393,18 +407,29 @@ def _ci(mean: float, low: float, high: float) -> str:
     return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _real_steps(settings: dict) -> int:
+    return settings.get("eval_steps") or settings["horizon"]
+
+
 def rl_summary(report: dict) -> str:
     s, t = report["settings"], report["training"]
     lines = [
         f"{s['algo']} ({s['policy']} on {s['observation']}) trained {t['agent_steps']} steps in imagination "
         f"({s['envs']} envs, horizon {s['horizon']}) in {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s); "
-        f"evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of {s['horizon']} steps "
-        f"in {report['env']}:"
+        f"evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of "
+        f"{_real_steps(s)} steps in {report['env']}:"
     ]
+    longer = _real_steps(s) != s["horizon"]
     for arm, e in report["arms"].items():
+        text = f"  {arm:<7} real return {_ci(e['return_mean'], e['return_low'], e['return_high'])}"
+        if longer:
+            text += (
+                f" (first {s['horizon']} steps: "
+                f"{_ci(e['return_at_horizon_mean'], e['return_at_horizon_low'], e['return_at_horizon_high'])})"
+            )
         lines.append(
-            f"  {arm:<7} real return {_ci(e['return_mean'], e['return_low'], e['return_high'])}, "
-            f"imagined {_ci(e['imagined_return_mean'], e['imagined_return_low'], e['imagined_return_high'])}"
+            text
+            + f", imagined {_ci(e['imagined_return_mean'], e['imagined_return_low'], e['imagined_return_high'])}"
         )
     return "\n".join(lines)
 
@@ -420,16 +445,19 @@ def rl_markdown(report: dict) -> str:
         f"episodes, seed {s['seed']}.",
         "",
         "Evaluation: the same seeds for every arm; each episode starts from the env's reset and "
-        f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {s['horizon']} agent steps. "
-        "Imagined: the same arm in the dream env from the same start.",
+        f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {_real_steps(s)} agent steps "
+        f"(or until the env ends it). Imagined: the same arm in the dream env from the same start, "
+        f"{s['horizon']} steps; real return over those first {s['horizon']} steps beside it.",
         "",
-        "| arm | episodes | real return | 95% CI | imagined return | 95% CI |",
-        "|---|---|---|---|---|---|",
+        f"| arm | episodes | real return | 95% CI | real, first {s['horizon']} steps | imagined return | 95% CI |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, e in report["arms"].items():
+        at = e.get("return_at_horizon_mean", e["return_mean"])
         lines.append(
             f"| {arm} | {e['episodes']} | {e['return_mean']:.2f} | [{e['return_low']:.2f}, {e['return_high']:.2f}] | "
-            f"{e['imagined_return_mean']:.2f} | [{e['imagined_return_low']:.2f}, {e['imagined_return_high']:.2f}] |"
+            f"{at:.2f} | {e['imagined_return_mean']:.2f} | "
+            f"[{e['imagined_return_low']:.2f}, {e['imagined_return_high']:.2f}] |"
         )
     if t["imagined_return_last_100"] is not None:
         lines += [
@@ -466,7 +494,9 @@ def write_rl_plots(report: dict, out: Path) -> list[str]:
         bars.bar(x + offset, vals, width=0.4, yerr=err, capsize=4, color=color, label=name)
     bars.set_xticks(x, arms)
     bars.set_ylabel("episode return")
-    bars.set_title(f"evaluation (95% CI), {report['settings']['horizon']} steps")
+    bars.set_title(
+        f"evaluation (95% CI): real {_real_steps(report['settings'])}, imagined {report['settings']['horizon']} steps"
+    )
     bars.legend()
     points = report["training"]["curve"]
     if points:

@@ -47,6 +47,7 @@ def test_sfw_rl_trains_in_imagination_and_reports_real_returns(heads_run, tmp_pa
         assert entry["episodes"] == 3 and entry["steps_mean"] == 5
         assert entry["return_low"] <= entry["return_mean"] <= entry["return_high"]
         assert {"imagined_return_mean", "imagined_return_low", "imagined_return_high"} <= set(entry)
+        assert entry["return_at_horizon_mean"] == pytest.approx(entry["return_mean"])  # eval_steps = horizon
         seeds = [e["env_seed"] for e in entry["per_episode"]]
         assert seeds == eval_seeds(RLConfig(eval_episodes=3))  # the same starts for both arms
     assert "| policy | 3 |" in (out / "report.md").read_text()
@@ -71,6 +72,7 @@ def test_sac_on_frames_with_an_mlp_network(heads_run, tmp_path):
         steps=16,
         envs=4,
         horizon=3,
+        eval_steps=7,  # real episodes longer than the imagined ones
         batch_size=8,
         learning_starts=4,
         eval_episodes=2,
@@ -82,6 +84,12 @@ def test_sac_on_frames_with_an_mlp_network(heads_run, tmp_path):
     report = run_rl(cfg, progress=False)
     assert report["training"]["agent_steps"] == 16 and report["videos"] == []
     assert report["arms"]["policy"]["episodes"] == 2 and report["settings"]["policy"] == "MlpPolicy"
+    for arm in ("policy", "random"):
+        entry = report["arms"][arm]
+        assert entry["steps_mean"] == 7
+        for episode in entry["per_episode"]:
+            assert episode["imagined_steps"] == 3 and "return_at_horizon" in episode
+    assert "real return" in report["summary_text"] and "(first 3 steps:" in report["summary_text"]
 
 
 @pytest.mark.parametrize(
@@ -92,6 +100,7 @@ def test_sac_on_frames_with_an_mlp_network(heads_run, tmp_path):
         ("algo=dqn", "algo must be one of"),
         ("observation=pixels", "observation must be one of"),
         ("eval_episodes=0", "eval_episodes must be a positive integer"),
+        ("eval_steps=0", "eval_steps must be a positive integer"),
         ("network=cnn", "network=cnn needs observation=frames"),
         ("network=resnet", "network must be auto, mlp or cnn"),
     ],
