@@ -261,9 +261,9 @@ def evaluate(cfg: RLConfig, agent, wm, out: Path) -> tuple[dict[str, Any], list[
 
     rows: dict[str, list[dict[str, Any]]] = {"policy": [], "random": []}
     videos: list[str] = []
+    length = max(cfg.horizon, cfg.real_steps)  # the random plan serves the real and the imagined episode
     try:
         for number, seed in enumerate(eval_seeds(cfg)):
-            length = max(cfg.horizon, cfg.real_steps)
             plan = np.random.default_rng([cfg.seed, seed]).uniform(low, high, (length, len(low)))
             randomly = lambda obs, t, plan=plan: plan[t].astype(np.float32)  # noqa: E731
             for arm, act in (("policy", policy), ("random", randomly)):
@@ -383,6 +383,7 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     rows, videos = evaluate(cfg, agent, wm, out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
     settings["policy"] = cfg.resolved_policy
+    settings["eval_steps"] = cfg.real_steps  # resolved: the real episodes' length
     report = {
         "env": wm.meta.get("env"),
         "model": str(cfg.ckpt),
@@ -407,19 +408,15 @@ def _ci(mean: float, low: float, high: float) -> str:
     return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def _real_steps(settings: dict) -> int:
-    return settings.get("eval_steps") or settings["horizon"]
-
-
 def rl_summary(report: dict) -> str:
     s, t = report["settings"], report["training"]
     lines = [
         f"{s['algo']} ({s['policy']} on {s['observation']}) trained {t['agent_steps']} steps in imagination "
         f"({s['envs']} envs, horizon {s['horizon']}) in {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s); "
         f"evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of "
-        f"{_real_steps(s)} steps in {report['env']}:"
+        f"{s['eval_steps']} steps in {report['env']}:"
     ]
-    longer = _real_steps(s) != s["horizon"]
+    longer = s["eval_steps"] != s["horizon"]
     for arm, e in report["arms"].items():
         text = f"  {arm:<7} real return {_ci(e['return_mean'], e['return_low'], e['return_high'])}"
         if longer:
@@ -445,7 +442,7 @@ def rl_markdown(report: dict) -> str:
         f"episodes, seed {s['seed']}.",
         "",
         "Evaluation: the same seeds for every arm; each episode starts from the env's reset and "
-        f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {_real_steps(s)} agent steps "
+        f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {s['eval_steps']} agent steps "
         f"(or until the env ends it). Imagined: the same arm in the dream env from the same start, "
         f"{s['horizon']} steps; real return over those first {s['horizon']} steps beside it.",
         "",
@@ -453,10 +450,9 @@ def rl_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for arm, e in report["arms"].items():
-        at = e.get("return_at_horizon_mean", e["return_mean"])
         lines.append(
             f"| {arm} | {e['episodes']} | {e['return_mean']:.2f} | [{e['return_low']:.2f}, {e['return_high']:.2f}] | "
-            f"{at:.2f} | {e['imagined_return_mean']:.2f} | "
+            f"{e['return_at_horizon_mean']:.2f} | {e['imagined_return_mean']:.2f} | "
             f"[{e['imagined_return_low']:.2f}, {e['imagined_return_high']:.2f}] |"
         )
     if t["imagined_return_last_100"] is not None:
@@ -495,7 +491,7 @@ def write_rl_plots(report: dict, out: Path) -> list[str]:
     bars.set_xticks(x, arms)
     bars.set_ylabel("episode return")
     bars.set_title(
-        f"evaluation (95% CI): real {_real_steps(report['settings'])}, imagined {report['settings']['horizon']} steps"
+        f"evaluation (95% CI): real {report['settings']['eval_steps']}, imagined {report['settings']['horizon']} steps"
     )
     bars.legend()
     points = report["training"]["curve"]
