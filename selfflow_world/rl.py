@@ -476,10 +476,14 @@ def write_rl_plots(report: dict, out: Path) -> list[str]:
     fig, (bars, curve) = plt.subplots(1, 2, figsize=(9, 3.2))
     arms = list(report["arms"])
     x = np.arange(len(arms))
-    for offset, key, name, color in (
-        (-0.2, "return", "real", "tab:blue"),
-        (0.2, "imagined_return", "imagined", "tab:orange"),
-    ):
+    s = report["settings"]
+    series = [("return", f"real, {s['eval_steps']} steps", "tab:blue")]
+    if s["eval_steps"] != s["horizon"]:  # the real return over the imagined episode's length beside it
+        series.append(("return_at_horizon", f"real, first {s['horizon']} steps", "tab:cyan"))
+    series.append(("imagined_return", f"imagined, {s['horizon']} steps", "tab:orange"))
+    width = 0.8 / len(series)
+    for i, (key, name, color) in enumerate(series):
+        offset = (i - (len(series) - 1) / 2) * width
         vals, err = [], [[], []]
         for arm in arms:
             e = report["arms"][arm]
@@ -487,13 +491,11 @@ def write_rl_plots(report: dict, out: Path) -> list[str]:
             vals.append(mean)
             for side, bound in enumerate((e[f"{key}_low"], e[f"{key}_high"])):
                 err[side].append(0.0 if math.isnan(bound) else abs(bound - mean))
-        bars.bar(x + offset, vals, width=0.4, yerr=err, capsize=4, color=color, label=name)
+        bars.bar(x + offset, vals, width=width, yerr=err, capsize=4, color=color, label=name)
     bars.set_xticks(x, arms)
     bars.set_ylabel("episode return")
-    bars.set_title(
-        f"evaluation (95% CI): real {report['settings']['eval_steps']}, imagined {report['settings']['horizon']} steps"
-    )
-    bars.legend()
+    bars.set_title("evaluation in the real env and in imagination (95% CI)")
+    bars.legend(fontsize="small")
     points = report["training"]["curve"]
     if points:
         curve.plot([p[0] for p in points], [p[1] for p in points], ".", alpha=0.4, color="tab:orange")
