@@ -37,6 +37,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from selfflow_world import rollout as rollouts
 from selfflow_world.errors import UserError
 from selfflow_world.heads import head_loss
 from selfflow_world.model import default_feature_layer, expand_t, shift_frames, to_clean, to_velocity
@@ -231,6 +232,72 @@ def make_teacher(student: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     return teacher
+
+
+@torch.no_grad()
+def imagined_history_batch(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    history: int,
+    imagined: int,
+    share: float,
+    generator: torch.Generator,
+    steps: int = 1,
+) -> tuple[dict[str, Tensor], int]:
+    """Training on the model's own predictions: clips whose history holds imagined frames.
+
+    A model trained only on clean recorded history never sees the frames it makes itself, which
+    at imagination time become its history: small errors compound over a rollout (exposure bias).
+    Here a share of the clips get a history that the model (``model``, without gradient, through
+    the library's one rollout path) imagined from the clip's first ``history`` recorded frames under
+    the recorded actions; the target frames stay recorded, so the loss asks the model to predict
+    the real next frame from its own, slightly wrong, history.
+
+    ``batch`` holds clips of ``history + imagined + F`` frames (``frames (B, T, C, H, W)``,
+    ``actions (B, T, A)``, optionally per-frame ``rewards``/``terminated``). Each row is chosen with
+    probability ``share``; a chosen row draws ``r ~ U{1..imagined}``, imagines frames ``history ..
+    history + r - 1`` and takes the window of ``history + F`` frames that starts at ``r`` (its last
+    ``min(r, history)`` history frames imagined); other rows take the first ``history + F`` frames,
+    all recorded. Actions, rewards and flags are cut to the same windows. ``steps``: sampler steps
+    per imagined frame, as the model imagines at run time.
+
+    Returns the batch of ``history + F`` frames and the number of rows whose history holds
+    imagined frames.
+    """
+    frames, actions = batch["frames"], batch["actions"]
+    b, total = frames.shape[:2]
+    length = total - imagined
+    if imagined < 1 or share < 0 or share > 1:
+        raise UserError(f"imagined history needs imagined >= 1 and share in [0, 1], got {imagined}, {share}")
+    if length <= history:
+        raise UserError(
+            f"clips of {total} frames leave no target after {history} history and {imagined} imagined frames"
+        )
+    device = frames.device
+    chosen = _rand((b,), generator, device) < share
+    offset = (_rand((b,), generator, device) * imagined).long().clamp(max=imagined - 1) + 1
+    offset = torch.where(chosen, offset, torch.zeros_like(offset))  # (B,) window start per row
+    full = frames
+    rows = chosen.nonzero().flatten()
+    if rows.numel():
+        state = rollouts.start(model, frames[rows, :history], actions[rows, :history])
+        made = [
+            rollouts.advance(model, state, actions[rows, history + k], steps=steps, generator=generator)
+            for k in range(int(offset.max()))
+        ]
+        full = frames.clone()
+        spot = torch.zeros(b, total, dtype=torch.bool, device=device)  # where a row takes imagined frames
+        index = torch.arange(total, device=device)
+        spot[rows] = (index >= history) & (index < history + offset[rows, None])
+        padded = torch.zeros_like(frames[rows])
+        padded[:, history : history + len(made)] = torch.stack(made, dim=1).to(frames.dtype)
+        full[rows] = torch.where(spot[rows][..., None, None, None], padded, frames[rows])
+    window = offset[:, None] + torch.arange(length, device=device)  # (B, history + F)
+    pick = torch.arange(b, device=device)[:, None]
+    out = {key: value[pick, window] for key, value in batch.items() if key != "frames"}
+    out["frames"] = full[pick, window]
+    return out, int(rows.numel())
 
 
 def compute_loss(

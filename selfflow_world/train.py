@@ -55,6 +55,7 @@ from selfflow_world.objective import (
     default_sampler_steps,
     ema_decay_at,
     ema_update,
+    imagined_history_batch,
     make_teacher,
 )
 from selfflow_world.runtime import autocast, resolve_device, tune_allocator
@@ -100,6 +101,8 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     history: int = 2
     future: int = 1
+    imagined_history: int = 0
+    imagined_share: float = 0.5
     stride: int = 1
     val_fraction: float = 0.1
     skip_corrupt: bool = False
@@ -140,6 +143,9 @@ class TrainConfig:
             "keep",
         ):
             check_count(name, getattr(self, name))
+        check_count("imagined_history", self.imagined_history, minimum=0)
+        if not 0 <= self.imagined_share <= 1:
+            raise UserError(f"imagined_share must be in [0, 1], got {self.imagined_share!r}")
         if self.warmup < 0 or self.num_workers < 0:
             raise UserError(f"warmup and num_workers must be >= 0, got {self.warmup}, {self.num_workers}")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or not self.grad_clip > 0:
@@ -233,12 +239,21 @@ class Trainer:
             tune_allocator()  # keep activation pages in the heap between steps (see runtime.py)
         self.out = Path(cfg.out)
         spec = ClipSpec(cfg.history, cfg.future, cfg.stride, cfg.val_fraction, cfg.seed, cfg.skip_corrupt)
-        self.train_set = ClipDataset(cfg.data, spec, "train")
+        # with imagined_history, training clips carry the frames to imagine before the model's window
+        train_spec = dataclasses.replace(spec, future=cfg.future + cfg.imagined_history)
+        try:
+            self.train_set = ClipDataset(cfg.data, train_spec, "train")
+        except UserError as err:
+            if not cfg.imagined_history:
+                raise
+            raise UserError(
+                f"{err} (training clips also carry the imagined_history={cfg.imagined_history} frames)"
+            ) from err
         self.val_set = ClipDataset(cfg.data, spec, "val") if cfg.val_fraction > 0 else None
         if len(self.train_set) == 0:
             raise UserError(
-                f"dataset {cfg.data} has no training clip of {spec.length} frames; collect longer episodes "
-                "or lower history/future"
+                f"dataset {cfg.data} has no training clip of {train_spec.length} frames; collect longer "
+                "episodes or lower history/future/imagined_history"
             )
         h, w, _ = self.train_set.frame_shape
         if h != w:
@@ -431,7 +446,19 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         self.model.train()
+        imagined_rows = None
         with autocast(self.device, self.cfg.bf16):
+            if self.cfg.imagined_history > 0:
+                # the EMA model imagines the history: its errors are those of the model users get
+                batch, imagined_rows = imagined_history_batch(
+                    self.ema,
+                    batch,
+                    history=self.cfg.history,
+                    imagined=self.cfg.imagined_history,
+                    share=self.cfg.imagined_share,
+                    generator=self.generator,
+                    steps=self.sample_steps,
+                )
             loss, metrics = compute_loss(
                 self.train_model,
                 batch,
@@ -463,6 +490,8 @@ class Trainer:
             ema_update(self.ema_heads, self.heads, decay)
         self.step += 1
         out = {k: float(v) for k, v in metrics.items()}
+        if imagined_rows is not None:
+            out["imagined_share"] = imagined_rows / batch["frames"].shape[0]
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out

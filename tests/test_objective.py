@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from selfflow_world import rollout as rollouts
 from selfflow_world.errors import UserError
 from selfflow_world.model import WorldDiT, expand_t, model_config
 from selfflow_world.objective import (
@@ -14,6 +15,7 @@ from selfflow_world.objective import (
     compute_loss,
     ema_decay_at,
     ema_update,
+    imagined_history_batch,
     make_noisy,
     make_teacher,
     sample_times,
@@ -261,3 +263,64 @@ def test_flow_loss_is_velocity_mse_on_target_frames_only(prediction):
     t_pix = expand_t(t, batch["frames"].shape, patch=4)
     x_hat = torch.zeros_like(frames) if prediction == "x" else x_t  # v-prediction of 0: x_t - t * 0
     assert torch.allclose(x_loss, (x_hat - frames)[:, HISTORY:].pow(2).mean(), rtol=1e-4)
+
+
+def imagined_case(share: float, imagined: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    total = HISTORY + imagined + 1
+    batch = {
+        "frames": torch.rand(B, total, 3, 16, 16, generator=g) * 2 - 1,
+        "actions": torch.rand(B, total, A, generator=g) * 2 - 1,
+        "rewards": torch.arange(total, dtype=torch.float32).repeat(B, 1),
+    }
+    model = tiny_model()
+    gen = torch.Generator().manual_seed(seed + 1)
+    out, rows = imagined_history_batch(
+        model, batch, history=HISTORY, imagined=imagined, share=share, generator=gen
+    )
+    return model, batch, out, rows
+
+
+def test_imagined_history_is_what_a_rollout_of_the_model_makes_and_targets_stay_recorded():
+    imagined = 3
+    model, batch, out, rows = imagined_case(share=1.0, imagined=imagined)
+    assert rows == B and out["frames"].shape == (B, HISTORY + 1, 3, 16, 16)
+    # rewards 0, 1, 2, ... per frame tell each row's window start r in 1..imagined
+    start = out["rewards"][:, 0].long()
+    assert ((start >= 1) & (start <= imagined)).all()
+    for i in range(B):
+        r = int(start[i])
+        window = slice(r, r + HISTORY + 1)
+        assert torch.equal(out["actions"][i], batch["actions"][i, window])
+        assert torch.equal(out["frames"][i, -1], batch["frames"][i, r + HISTORY])  # recorded target
+        # the model's own rollout from the first HISTORY recorded frames under the recorded actions
+        state = rollouts.start(
+            model, batch["frames"][i : i + 1, :HISTORY], batch["actions"][i : i + 1, :HISTORY]
+        )
+        made = [
+            rollouts.advance(model, state, batch["actions"][i : i + 1, HISTORY + k], steps=1)
+            for k in range(r)
+        ]
+        for j in range(HISTORY):
+            k = r + j  # clip frame index of history slot j
+            expected = made[k - HISTORY][0] if k >= HISTORY else batch["frames"][i, k]
+            assert torch.allclose(out["frames"][i, j], expected, atol=1e-5), (i, r, j)
+
+
+def test_imagined_history_share_zero_is_the_recorded_clip_and_same_seed_same_batch():
+    _, batch, out, rows = imagined_case(share=0.0)
+    assert rows == 0
+    assert torch.equal(out["frames"], batch["frames"][:, : HISTORY + 1])
+    assert torch.equal(out["actions"], batch["actions"][:, : HISTORY + 1])
+    _, _, a, rows_a = imagined_case(share=0.5, seed=3)
+    _, _, b, rows_b = imagined_case(share=0.5, seed=3)
+    assert rows_a == rows_b and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_imagined_history_settings_are_checked():
+    model, batch = tiny_model(), tiny_batch()
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(UserError, match="leave no target"):
+        imagined_history_batch(model, batch, history=HISTORY, imagined=1, share=0.5, generator=gen)
+    with pytest.raises(UserError, match="share in"):
+        imagined_history_batch(model, batch, history=1, imagined=1, share=1.5, generator=gen)

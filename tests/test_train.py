@@ -381,3 +381,27 @@ def test_validation_samples_a_t_one_model_in_one_step(tiny_dataset, tmp_path, mo
         assert trainer.sample_steps == expected
         trainer.validate()
         assert seen and set(seen) == {expected}
+
+
+def test_imagined_history_trains_resumes_exactly_and_keeps_the_model_window(tiny_dataset, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("objective=flow", "imagined_history=3", "imagined_share=0.5")
+    last = train(tiny_dataset, full, "steps=6", *extra)
+    assert 0 <= last["imagined_share"] <= 1 and "val_psnr" in last
+    with open(full / "metrics.csv") as f:
+        shares = [float(r["imagined_share"]) for r in csv.DictReader(f) if r.get("imagined_share")]
+    assert len(shares) == 6 and 0 < sum(shares) < 6  # some clips imagined, not all
+    # the model is built for history + future frames, not for the longer training clips
+    assert read_meta(resolve_checkpoint(full))["model_config"]["max_frames"] == 3
+    train(tiny_dataset, part, "steps=3", *extra)
+    train(tiny_dataset, part, "steps=6", *extra, "resume=true")
+    assert losses(part) == losses(full)
+
+
+def test_imagined_history_settings_fail_clearly(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="imagined_share must be in"):
+        train(tiny_dataset, tmp_path / "a", "steps=2", "imagined_history=2", "imagined_share=2")
+    with pytest.raises(UserError, match="imagined_history must be an integer >= 0"):
+        train(tiny_dataset, tmp_path / "b", "steps=2", "imagined_history=-1")
+    with pytest.raises(UserError, match=r"clips of 23 frames.*imagined_history=20 frames"):
+        train(tiny_dataset, tmp_path / "c", "steps=2", "imagined_history=20")
