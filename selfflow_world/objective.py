@@ -282,17 +282,13 @@ def imagined_history_batch(
     rows = chosen.nonzero().flatten()
     if rows.numel():
         state = rollouts.start(model, frames[rows, :history], actions[rows, :history])
-        made = [
-            rollouts.advance(model, state, actions[rows, history + k], steps=steps, generator=generator)
-            for k in range(int(offset.max()))
-        ]
         full = frames.clone()
-        spot = torch.zeros(b, total, dtype=torch.bool, device=device)  # where a row takes imagined frames
-        index = torch.arange(total, device=device)
-        spot[rows] = (index >= history) & (index < history + offset[rows, None])
-        padded = torch.zeros_like(frames[rows])
-        padded[:, history : history + len(made)] = torch.stack(made, dim=1).to(frames.dtype)
-        full[rows] = torch.where(spot[rows][..., None, None, None], padded, frames[rows])
+        for k in range(int(offset.max())):  # imagined frame history + k, kept by rows with r > k
+            frame = rollouts.advance(
+                model, state, actions[rows, history + k], steps=steps, generator=generator
+            )
+            keep = offset[rows] > k
+            full[rows[keep], history + k] = frame[keep].to(frames.dtype)
     window = offset[:, None] + torch.arange(length, device=device)  # (B, history + F)
     pick = torch.arange(b, device=device)[:, None]
     out = {key: value[pick, window] for key, value in batch.items() if key != "frames"}
