@@ -8,15 +8,17 @@
 # the episode count, training with resume=true), so an interrupted run is resumed by rerunning the
 # same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
 # episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads in the newest
-# checkpoint), runs/<name>/eval_test (the report on the held-out episodes; runs/<name>-ft/... with FINETUNE). Environment: SFW
-# (default .venv/bin/sfw), WORKERS (collection processes, default 2), OBJECTIVE (default
-# selfflow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
+# checkpoint), <last stage's run>/eval_test (the report on the held-out episodes).
+# Environment: SFW (default .venv/bin/sfw), WORKERS (collection processes, default 2), OBJECTIVE
+# (default selfflow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
 # "objective.t_one=1.0"), FINETUNE (steps of a second schedule, lr 1e-4, started from the first
-# run's EMA weights in runs/<name>-ft with `sfw train init=`; default 0 = none; heads, evaluation
-# and export then use that run), EVAL_STEPS (sampler steps per imagined frame in the evaluation,
-# default 1). The shipped models:
+# run's EMA weights in runs/<name>-ft with `sfw train init=`; default 0 = none), IH
+# (imagined_history of a last stage that trains on the model's own predictions, in runs/<name>-ih,
+# started from the previous stage's EMA weights; default 0 = none), IH_STEPS (its steps, default
+# 1200), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1). Heads,
+# evaluation and export use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh reacher-easy 5000
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh cartpole-swingup 5000
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -39,6 +41,15 @@ if [ "$FINETUNE" -gt 0 ]; then
         steps="$FINETUNE" lr=0.0001 warmup=100 batch_size="$BATCH" resume=true val_every=500 \
         ckpt_every=250 sample_every=2500 ${EXTRA:-}
     RUN="$RUN-ft"
+fi
+IH="${IH:-0}"
+if [ "$IH" -gt 0 ]; then
+    # training on its own predictions: half the clips get a history the EMA model imagined over up
+    # to IH steps from recorded frames, so the model learns to continue from its own frames
+    $SFW train data="data/$NAME" out="runs/$NAME-ih" init="$RUN" model=small objective="$OBJECTIVE" \
+        steps="${IH_STEPS:-1200}" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="$IH" \
+        imagined_share=0.5 resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
+    RUN="runs/$NAME-ih"
 fi
 # reward/termination heads on the frozen model (stored in its newest checkpoint; the eval reports them)
 $SFW heads ckpt="$RUN" data="data/$NAME" eval_data="data/${NAME}_test"
