@@ -7,6 +7,7 @@ are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
 
     python bench/bench_plan.py --ckpt reacher-easy --episodes 50
     python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
+    python bench/bench_plan.py --settings 32x5x2 --score state --execute 2 --arms model,random
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def main() -> None:
         "--pixel-blur",
         default="0",
         help="pixel score: comma-separated box-blur radii, 0 = sharp, e.g. 0,2,4,8",
+    )
+    p.add_argument(
+        "--probe-data",
+        default="",
+        help="state score: dataset whose frames and states train the probe (default: the model's data)",
     )
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
@@ -67,6 +73,7 @@ def main() -> None:
             task="goal",
             score=args.score,
             pixel_blur=blur,
+            probe_data=args.probe_data,
             episodes=args.episodes,
             out=os.path.join(args.out, f"{tag}_{setting}_x{args.execute}"),
             arms=args.arms.split(","),

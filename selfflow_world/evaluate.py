@@ -177,6 +177,39 @@ def _probe_data(dataset, limit: int, state_map: StateMap, generator: np.random.G
     return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(states).float()
 
 
+def probe_splits(wm, root: str):
+    """The training and validation episodes of the dataset ``root`` under ``wm``'s split, as clip
+    datasets (the state probe and the representation probe read their frames and states)."""
+    from selfflow_world.clips import ClipDataset, ClipSpec
+
+    spec = ClipSpec(
+        history=wm.history,
+        future=1,
+        val_fraction=wm.meta["config"].get("val_fraction", 0.1),
+        split_seed=wm.meta["config"].get("seed", 0),
+    )
+    return ClipDataset(root, spec, "train"), ClipDataset(root, spec, "val")
+
+
+def train_state_probe(train_set, val_set, state_map: StateMap, frames: int, epochs: int, seed: int):
+    """A :class:`~selfflow_world.probe.StateProbe` fitted on up to ``frames`` real frames of
+    ``train_set``'s episodes, with its held-out error on ``val_set``'s (the floor). Returns
+    ``(probe, metrics)``; deterministic in ``seed``."""
+    from selfflow_world.probe import fit_probe
+
+    rng = np.random.default_rng(seed)
+    tr_frames, tr_states = _probe_data(train_set, frames, state_map, rng)
+    va_frames, va_states = _probe_data(val_set, frames, state_map, rng)
+    return fit_probe(
+        tr_frames,
+        tr_states,
+        val_frames=va_frames,
+        val_states=va_states,
+        epochs=epochs,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 def _clip_features(wm, dataset, limit: int, state_map: StateMap, generator: np.random.Generator):
     """Model features at t = 0 per block and the physics state of each clip's last frame."""
     n = min(limit, len(dataset))
@@ -196,7 +229,6 @@ def _clip_features(wm, dataset, limit: int, state_map: StateMap, generator: np.r
 def run_eval(cfg: EvalConfig, wm=None) -> dict:
     """Compute the report, write report.json, report.md and plots into ``cfg.out``; return the report."""
     from selfflow_world.action_following import following_ratio
-    from selfflow_world.clips import ClipDataset, ClipSpec
     from selfflow_world.envs import make_like
     from selfflow_world.episodes import read_manifest
     from selfflow_world.imagine import load_segments
@@ -207,7 +239,7 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
         psnr_per_horizon,
         ssim_per_horizon,
     )
-    from selfflow_world.probe import fit_probe, probe_error
+    from selfflow_world.probe import probe_error
     from selfflow_world.world_model import WorldModel
 
     cfg.check("eval", positive=("probe_frames", "probe_epochs"))
@@ -317,24 +349,9 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
         env.close()
 
     # state probe trained on real frames only
-    rng = np.random.default_rng(cfg.seed)
-    spec = ClipSpec(
-        history=hist,
-        future=1,
-        val_fraction=wm.meta["config"].get("val_fraction", 0.1),
-        split_seed=wm.meta["config"].get("seed", 0),
-    )
-    probe_root = cfg.probe_data or cfg.data
-    train_set, val_set = ClipDataset(probe_root, spec, "train"), ClipDataset(probe_root, spec, "val")
-    tr_frames, tr_states = _probe_data(train_set, cfg.probe_frames, state_map, rng)
-    va_frames, va_states = _probe_data(val_set, cfg.probe_frames, state_map, rng)
-    probe, probe_metrics = fit_probe(
-        tr_frames,
-        tr_states,
-        val_frames=va_frames,
-        val_states=va_states,
-        epochs=cfg.probe_epochs,
-        generator=torch.Generator().manual_seed(cfg.seed),
+    train_set, val_set = probe_splits(wm, cfg.probe_data or cfg.data)
+    probe, probe_metrics = train_state_probe(
+        train_set, val_set, state_map, cfg.probe_frames, cfg.probe_epochs, cfg.seed
     )
     floor = torch.tensor(probe_metrics["rmse"])
     true_states = state_map(seg.states[:, hist:])  # (B, T, S)

@@ -12,8 +12,10 @@ Tasks:
   so not the training episodes), the goal is the state ``goal_offset`` agent steps later in that
   episode and its rendered frame is the goal image; success means every goal joint within
   ``tolerance`` of the goal's (angles wrapped) within ``budget`` agent steps. Starts already within
-  the tolerance are skipped. Scores: ``features`` (distance to the goal image in the model's own
-  feature space) or ``pixels`` (pixel MSE), at the end of the horizon.
+  the tolerance are skipped. Scores, at the end of the horizon: ``features`` (distance to the goal
+  image in the model's own feature space), ``pixels`` (pixel MSE) or ``state`` (distance between
+  the joint positions a state probe reads off the imagined frame and off the goal image; the probe
+  is a small conv net fitted on real frames and recorded states of a dataset, ``probe_data``).
 - ``reward``: the env's own return over a full episode; score: the reward heads' predicted return.
 
 Arms on the same starts: ``model`` (the world model), ``random`` (uniform random actions) and
@@ -41,7 +43,7 @@ from selfflow_world.errors import UserError, check_count, check_positive
 
 TASKS = ("goal", "reward")
 PLANNERS = ("cem", "mppi")
-SCORES = ("auto", "features", "pixels", "reward")
+SCORES = ("auto", "features", "pixels", "state", "reward")
 ARMS = ("model", "random", "simulator")
 
 # a small CEM search that plans a goal episode within about a minute on 2 CPU cores (32 candidates
@@ -74,6 +76,9 @@ class PlanConfig:
     task: str = "goal"
     score: str = "auto"  # goal: features (default) or pixels; reward: reward
     pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
+    probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
+    probe_frames: int = 4000
+    probe_epochs: int = 15
     episodes: int = 50
     out: str = "???"
     arms: list[str] = field(default_factory=lambda: list(ARMS))
@@ -109,10 +114,10 @@ class PlanConfig:
             self.task == "goal"
             and self.score == "reward"
             or self.task == "reward"
-            and self.score in ("features", "pixels")
+            and self.score in ("features", "pixels", "state")
         ):
             raise UserError(
-                f"score={self.score} does not fit task={self.task} (goal: features|pixels, reward: reward)"
+                f"score={self.score} does not fit task={self.task} (goal: features|pixels|state, reward: reward)"
             )
         bad = [a for a in self.arms if a not in ARMS]
         if bad or not self.arms:
@@ -127,6 +132,8 @@ class PlanConfig:
             "sampler_steps",
             "goal_offset",
             "budget",
+            "probe_frames",
+            "probe_epochs",
         ):
             check_count(name, getattr(self, name))
         if self.elites > self.population:
@@ -246,8 +253,42 @@ def pixel_distance(frames: Tensor, goal: Tensor, blur: Sequence[int] = (0,)) -> 
     return total / len(blur)
 
 
+class PixelDistance:
+    """Frames ``(N, C, H, W)`` -> their :func:`pixel_distance` ``(N,)`` to the goal image."""
+
+    def __init__(self, goal_frame: Tensor, blur: Sequence[int] = (0,)):
+        self.goal, self.blur = goal_frame, tuple(blur)
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        return pixel_distance(frames, self.goal.to(frames.device), self.blur)
+
+
+class ProbeDistance:
+    """Frames ``(N, C, H, W)`` -> squared distance ``(N,)`` between the joint positions a state
+    probe reads off them and those it reads off the goal image (the first ``dims`` probe outputs:
+    raw joint positions, then sine and cosine of each unlimited hinge, so angles compare wrapped).
+
+    Unlike pixel distance it says which way the goal lies when the imagined arm and the goal arm do
+    not overlap."""
+
+    def __init__(self, probe, dims: int, goal_frame: Tensor):
+        self.probe, self.dims = probe, dims
+        self.goal = self.positions(goal_frame[None])[0]
+
+    @torch.no_grad()
+    def positions(self, frames: Tensor) -> Tensor:
+        device = self.probe.state_mean.device
+        return self.probe(frames.to(device).float())[:, : self.dims]
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        return (self.positions(frames) - self.goal).pow(2).sum(1).to(frames.device)
+
+
 class ModelScorer:
-    """Scores action sequences by imagining them: ``begin`` at each replanning step, then call."""
+    """Scores action sequences by imagining them: ``begin`` at each replanning step, then call.
+
+    ``goal``: the goal's features ``(L, D)`` (score ``features``); ``distance``: frames -> distance to
+    the goal (scores ``pixels`` and ``state``: :class:`PixelDistance`, :class:`ProbeDistance`)."""
 
     def __init__(
         self,
@@ -256,11 +297,10 @@ class ModelScorer:
         sampler_steps: int,
         generator: torch.Generator,
         goal=None,
-        pixel_blur: Sequence[int] = (0,),
+        distance=None,
     ):
         self.wm, self.score, self.steps, self.generator = wm, score, sampler_steps, generator
-        self.goal = goal  # features (L, D) or float frame (C, H, W)
-        self.pixel_blur = tuple(pixel_blur)
+        self.goal, self.distance = goal, distance
         self.frames = 0
 
     def begin(self, context: np.ndarray, context_actions: np.ndarray) -> None:
@@ -303,8 +343,8 @@ class ModelScorer:
                 frame = self.wm.step(
                     state, actions[:, h], normalized=True, steps=self.steps, generator=self.generator
                 )
-                if self.score == "pixels" and last:
-                    total -= pixel_distance(frame, self.goal, self.pixel_blur).to(total.device)
+                if self.distance is not None and last:
+                    total -= self.distance(frame).to(total.device)
             if keep:
                 kept.append(frame)
         self.frames += n * horizon
@@ -318,9 +358,9 @@ class SimulatorScorer:
     """The same scores with the simulator as the model: each candidate replayed from the restored
     physics state of the real env (features: the model's features of the simulator's frames)."""
 
-    def __init__(self, env, wm, score: str, goal=None, pixel_blur: Sequence[int] = (0,)):
-        self.env, self.wm, self.score, self.goal = env, wm, score, goal
-        self.pixel_blur = tuple(pixel_blur)
+    def __init__(self, env, wm, score: str, goal=None, distance=None):
+        self.env, self.wm, self.score = env, wm, score
+        self.goal, self.distance = goal, distance
         self.frames = 0
 
     def begin(
@@ -361,10 +401,56 @@ class SimulatorScorer:
         if self.score == "reward":
             return torch.as_tensor(scores, dtype=torch.float32, device=actions.device)
         clips_t = to_float(np.stack(clips))
-        if self.score == "pixels":
-            return -pixel_distance(clips_t[:, -1], self.goal, self.pixel_blur).to(actions.device)
+        if self.distance is not None:
+            return -self.distance(clips_t[:, -1]).to(actions.device)
         feats = self.wm.clip_features(clips_t, np.stack(clip_actions))
         return -feature_distance(feats, self.goal).to(actions.device)
+
+
+def goal_probe(cfg: PlanConfig, wm, env, out: Path):
+    """The state probe of the ``state`` score: fitted on the real frames of ``cfg.probe_data`` (default:
+    the dataset the model was trained on) and kept in ``out/state_probe.pt``, which a rerun with
+    ``resume`` loads. Returns the probe (on the model's device) and what the report says of it."""
+    from selfflow_world.evaluate import StateMap, probe_splits, train_state_probe
+    from selfflow_world.probe import StateProbe
+
+    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
+    path = out / "state_probe.pt"
+    if cfg.resume and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        probe = StateProbe(tuple(saved["image_size"]), saved["state_dim"], saved["width"])
+        probe.load_state_dict(saved["weights"])
+        return probe.eval().to(wm.device), saved["report"]
+    root = cfg.probe_data or wm.meta.get("config", {}).get("data", "")
+    if not root or not Path(root).is_dir():
+        where = (
+            f"probe_data={root} is not a directory"
+            if cfg.probe_data
+            else f"the model's training data ({root or 'not recorded'}) is not here"
+        )
+        raise UserError(
+            f"score=state fits a state probe on the recorded frames and states of a dataset, but {where}: "
+            f"pass probe_data=DIR, a dataset of {env.name} (e.g. sfw collect env={env.name} episodes=50 out=DIR)"
+        )
+    train_set, val_set = probe_splits(wm, root)
+    probe, metrics = train_state_probe(
+        train_set, val_set, state_map, cfg.probe_frames, cfg.probe_epochs, cfg.seed
+    )
+    report = {
+        "data": str(root),
+        "state_dims": state_map.description,
+        "floor_rmse": metrics["rmse"],
+        "floor_rmse_overall": metrics["rmse_overall"],
+    }
+    saved = {
+        "weights": probe.state_dict(),
+        "image_size": list(probe.image_size),
+        "state_dim": probe.state_dim,
+        "width": probe.width,
+        "report": report,
+    }
+    torch.save(saved, path)
+    return probe.eval().to(wm.device), report
 
 
 # -- the control loop ---------------------------------------------------------------------------------
@@ -529,6 +615,10 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     out = Path(cfg.out)
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     history = wm.history
+    probe = probe_report = None
+    if score == "state":
+        probe, probe_report = goal_probe(cfg, wm, env, out)
+        probe_dims = env.nq + len(env.wrapped_qpos())  # raw qpos, sin and cos of unlimited hinges
     gen = torch.Generator(wm.device).manual_seed(cfg.seed)
     results: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
     starts = _starts(cfg, env, history)
@@ -551,17 +641,21 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                 if bar:
                     bar.update()
                 continue
-            goal = stop = None
+            goal = distance = stop = None
             if cfg.task == "goal":
-                goal = to_float(start.goal_frame[None])[0]
+                goal_frame = to_float(start.goal_frame[None])[0]
                 if score == "features":
                     goal = wm.clip_features(to_float(np.stack([start.goal_frame] * (history + 1))[None]))[0]
+                elif score == "pixels":
+                    distance = PixelDistance(goal_frame, cfg.pixel_blur)
+                else:
+                    distance = ProbeDistance(probe, probe_dims, goal_frame)
                 stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
             scorer = None  # random actions need none
             if arm == "model":
-                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, cfg.pixel_blur)
+                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, distance)
             elif arm == "simulator":
-                scorer = SimulatorScorer(sim_env, wm, score, goal, cfg.pixel_blur)
+                scorer = SimulatorScorer(sim_env, wm, score, goal, distance)
             steps = cfg.budget if cfg.task == "goal" else cfg.reward_steps or 10**9
             res = control(
                 cfg,
@@ -601,6 +695,8 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     env.close()
     sim_env.close()
     report = summarise(cfg, results, env_name)
+    if probe_report is not None:
+        report["state_probe"] = probe_report
     report["videos"] = videos
     report["plots"] = write_plan_plots(report, out)
     report["summary_text"] = plan_summary(report)
@@ -737,6 +833,14 @@ def plan_markdown(report: dict) -> str:
                 f"| {arm} | {e['episodes']} | {e['return_mean']:.1f} | [{e['return_low']:.1f}, {e['return_high']:.1f}] | "
                 f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
             )
+    if "state_probe" in report:
+        sp = report["state_probe"]
+        rmse = ", ".join(f"{v:.3f}" for v in sp["floor_rmse"])
+        lines += [
+            "",
+            f"State probe (score state): fitted on the real frames of {sp['data']}, reading {sp['state_dims']}; "
+            f"its held-out RMSE per dim on real frames: {rmse}.",
+        ]
     lines += ["", "Files: " + ", ".join(report.get("videos", []) + report.get("plots", []))]
     return "\n".join(lines) + "\n"
 

@@ -12,6 +12,7 @@ import torch
 from selfflow_world.errors import UserError
 from selfflow_world.plan import (
     PlanConfig,
+    ProbeDistance,
     box_blur,
     feature_distance,
     joint_distance,
@@ -82,6 +83,29 @@ def test_blurred_pixel_distance_ranks_a_nearer_non_overlapping_arm_as_nearer():
     assert blurred[0] < blurred[1]
 
 
+class _PositionProbe(torch.nn.Module):
+    """A stand-in state probe: reads the bar's column (``_arm_frame``) as position, plus a dim the
+    distance must ignore (the frame's mean brightness, standing in for a velocity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("state_mean", torch.zeros(2))
+
+    def forward(self, frames):
+        column = (frames[:, 0, 10] > 0).float().argmax(-1).float()
+        return torch.stack([column, frames.mean((1, 2, 3)) * 100], 1)
+
+
+def test_probe_distance_compares_positions_only_and_says_which_arm_is_nearer():
+    goal = _arm_frame(20)
+    frames = torch.stack([_arm_frame(20), _arm_frame(16), _arm_frame(4)])
+    d = ProbeDistance(_PositionProbe(), 1, goal)(frames)
+    assert torch.allclose(d, torch.tensor([0.0, 16.0, 256.0]))
+    # sharp pixels cannot tell the nearer of two arms that miss the goal arm
+    px = pixel_distance(frames[1:], goal)
+    assert torch.allclose(px[0], px[1])
+
+
 def _pixel_world_model(size: int = 32):
     """An untrained model of the reacher's frames and actions: enough for the simulator arm, which
     only uses its frame size and action bounds."""
@@ -146,6 +170,40 @@ def test_plan_smoke_on_a_tiny_model_writes_the_report(tiny_run, tmp_path):
     assert json.loads((out / "episodes/random_0000.json").read_text()) == first
 
 
+def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_dataset, tmp_path):
+    out = tmp_path / "plan"
+    cfg = PlanConfig(
+        ckpt=str(tiny_run),
+        out=str(out),
+        score="state",
+        probe_frames=120,
+        probe_epochs=2,
+        episodes=1,
+        budget=2,
+        horizon=2,
+        population=4,
+        iterations=1,
+        elites=2,
+        videos=0,
+        arms=["model"],
+    )
+    report = run_plan(cfg, progress=False)
+    assert report["arms"]["model"]["episodes"] == 1
+    assert report["state_probe"]["data"] == str(tiny_dataset)
+    assert "sin and cos" in report["state_probe"]["state_dims"]
+    assert "State probe (score state)" in (out / "report.md").read_text()
+    saved = (out / "state_probe.pt").read_bytes()
+    (out / "episodes" / "model_0000.json").unlink()
+    again = run_plan(cfg, progress=False)  # the kept probe is loaded, not fitted again
+    assert (out / "state_probe.pt").read_bytes() == saved
+    assert again["state_probe"] == report["state_probe"]
+    missing = PlanConfig(
+        **{**cfg.__dict__, "out": str(tmp_path / "p2"), "probe_data": str(tmp_path / "nope")}
+    )
+    with pytest.raises(UserError, match="probe_data=.*nope is not a directory.*sfw collect"):
+        run_plan(missing, progress=False)
+
+
 def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_path):
     from selfflow_world.checkpoint import resolve_checkpoint
     from selfflow_world.heads import HeadsConfig, fit_heads
@@ -184,6 +242,8 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "dance"}, "task must be one of"),
         ({"planner": "grid"}, "planner must be one of"),
         ({"task": "reward", "score": "pixels"}, "does not fit"),
+        ({"task": "reward", "score": "state"}, "does not fit"),
+        ({"probe_epochs": 0}, "probe_epochs must be a positive integer"),
         ({"arms": ["oracle"]}, "arms must be"),
         ({"out": "???"}, "out= is required"),
         ({"pixel_blur": []}, "pixel_blur must be a non-empty list"),
