@@ -28,11 +28,13 @@ demo: setup
 	$(SFW) demo out=$(DEMO_DIR)
 
 # Reproduce a shipped model from scratch with its recipe (its MODEL_CARD.md): collect, train
-# (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), train on its
-# own predictions (1200 steps, imagined histories of up to 6 frames), heads, evaluate, export.
-# Resumable: rerun to continue. About 2-3 hours on 2 CPU cores.
+# (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), heads,
+# evaluate, export; cartpole-swingup also trains on its own predictions (1200 steps, imagined
+# histories of up to 6 frames). Resumable: rerun to continue. About 2.5-3 hours on 2 CPU cores.
+#   make reproduce                                  # reacher-easy
+#   make reproduce MODEL=cartpole-swingup IH=6
 FINETUNE ?= 3000
-IH ?= 6
+IH ?= 0
 reproduce: setup
 	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) IH=$(IH) bash bench/train_default.sh $(MODEL) $(STEPS)
 

@@ -40,6 +40,7 @@ def main() -> None:
         default="",
         help="state score: dataset whose frames and states train the probe (default: the model's data)",
     )
+    p.add_argument("--pixel-weight", type=float, default=0.0, help="state score: plus this x pixel distance")
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
     p.add_argument("--execute", type=int, default=1, help="actions executed per plan before replanning")
@@ -65,6 +66,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     blur = [int(v) for v in args.pixel_blur.split(",")]
     tag = args.score if blur == [0] else f"{args.score}-blur{'-'.join(map(str, blur))}"
+    if args.pixel_weight:
+        tag += f"-px{args.pixel_weight:g}"
     for setting in args.settings.split(","):
         population, horizon, iterations = (int(v) for v in setting.lower().split("x"))
         cfg = PlanConfig(
@@ -74,6 +77,7 @@ def main() -> None:
             score=args.score,
             pixel_blur=blur,
             probe_data=args.probe_data,
+            pixel_weight=args.pixel_weight,
             episodes=args.episodes,
             out=os.path.join(args.out, f"{tag}_{setting}_x{args.execute}"),
             arms=args.arms.split(","),

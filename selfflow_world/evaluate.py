@@ -141,6 +141,7 @@ class StateMap:
     nq: int
     nv: int
     wrapped: list[int]
+    velocities: bool = True  # False: qpos only (what one frame shows; the planner's state score)
 
     def __call__(self, states) -> torch.Tensor:
         """``(..., state_size)`` full physics states -> ``(..., dim)`` float32."""
@@ -151,14 +152,13 @@ class StateMap:
         qpos, qvel = s[..., 1 : 1 + self.nq], s[..., 1 + self.nq : 1 + self.nq + self.nv]  # [0] is time
         keep = [i for i in range(self.nq) if i not in self.wrapped]
         angles = qpos[..., self.wrapped]
-        return torch.cat([qpos[..., keep], angles.sin(), angles.cos(), qvel], -1).float()
+        parts = [qpos[..., keep], angles.sin(), angles.cos()] + ([qvel] if self.velocities else [])
+        return torch.cat(parts, -1).float()
 
     @property
     def description(self) -> str:
-        return (
-            f"qpos ({self.nq - len(self.wrapped)} raw, {len(self.wrapped)} unlimited hinge angles as sin and cos)"
-            f" + qvel ({self.nv})"
-        )
+        text = f"qpos ({self.nq - len(self.wrapped)} raw, {len(self.wrapped)} unlimited hinge angles as sin and cos)"
+        return text + (f" + qvel ({self.nv})" if self.velocities else "")
 
 
 def _probe_data(dataset, limit: int, state_map: StateMap, generator: np.random.Generator):

@@ -77,8 +77,9 @@ class PlanConfig:
     score: str = "auto"  # goal: features (default) or pixels; reward: reward
     pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
     probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
-    probe_frames: int = 4000
+    probe_frames: int = 12000
     probe_epochs: int = 15
+    pixel_weight: float = 0.0  # state: plus this weight times the pixel distance (fine positioning)
     episodes: int = 50
     out: str = "???"
     arms: list[str] = field(default_factory=lambda: list(ARMS))
@@ -148,6 +149,8 @@ class PlanConfig:
             )
         for name in ("temperature", "noise_std", "tolerance"):
             check_positive(name, getattr(self, name))
+        if isinstance(self.pixel_weight, bool) or not isinstance(self.pixel_weight, (int, float)) or self.pixel_weight < 0:
+            raise UserError(f"pixel_weight must be a number >= 0, got {self.pixel_weight!r}")
 
     @property
     def resolved_score(self) -> str:
@@ -265,13 +268,14 @@ class PixelDistance:
 
 class ProbeDistance:
     """Frames ``(N, C, H, W)`` -> squared distance ``(N,)`` between the joint positions a state
-    probe reads off them and those it reads off the goal image (the first ``dims`` probe outputs:
-    raw joint positions, then sine and cosine of each unlimited hinge, so angles compare wrapped).
+    probe reads off them and those it reads off the goal image (the probe's first ``dims`` outputs,
+    default all: raw joint positions, sine and cosine of each unlimited hinge, so angles compare
+    wrapped).
 
     Unlike pixel distance it says which way the goal lies when the imagined arm and the goal arm do
     not overlap."""
 
-    def __init__(self, probe, dims: int, goal_frame: Tensor):
+    def __init__(self, probe, goal_frame: Tensor, dims: int | None = None):
         self.probe, self.dims = probe, dims
         self.goal = self.positions(goal_frame[None])[0]
 
@@ -282,6 +286,16 @@ class ProbeDistance:
 
     def __call__(self, frames: Tensor) -> Tensor:
         return (self.positions(frames) - self.goal).pow(2).sum(1).to(frames.device)
+
+
+class SumDistance:
+    """The weighted sum ``sum_i w_i d_i(frames)`` of frame distances ``[(w_i, d_i), ...]``."""
+
+    def __init__(self, terms):
+        self.terms = list(terms)
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        return sum(w * d(frames) for w, d in self.terms)
 
 
 class ModelScorer:
@@ -414,7 +428,8 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
     from selfflow_world.evaluate import StateMap, probe_splits, train_state_probe
     from selfflow_world.probe import StateProbe
 
-    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
+    # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
+    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
     path = out / "state_probe.pt"
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -618,7 +633,6 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     probe = probe_report = None
     if score == "state":
         probe, probe_report = goal_probe(cfg, wm, env, out)
-        probe_dims = env.nq + len(env.wrapped_qpos())  # raw qpos, sin and cos of unlimited hinges
     gen = torch.Generator(wm.device).manual_seed(cfg.seed)
     results: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
     starts = _starts(cfg, env, history)
@@ -649,7 +663,10 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                 elif score == "pixels":
                     distance = PixelDistance(goal_frame, cfg.pixel_blur)
                 else:
-                    distance = ProbeDistance(probe, probe_dims, goal_frame)
+                    distance = ProbeDistance(probe, goal_frame)
+                    if cfg.pixel_weight > 0:
+                        pixels = PixelDistance(goal_frame, cfg.pixel_blur)
+                        distance = SumDistance([(1.0, distance), (cfg.pixel_weight, pixels)])
                 stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
             scorer = None  # random actions need none
             if arm == "model":
@@ -778,6 +795,8 @@ def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) ->
     score = cfg.resolved_score
     if score == "pixels" and list(cfg.pixel_blur) != [0]:
         score += f" blurred by {list(cfg.pixel_blur)}"
+    if score == "state" and cfg.pixel_weight > 0:
+        score += f" + {cfg.pixel_weight:g} x pixels"
     return {
         "env": env_name,
         "task": cfg.task,

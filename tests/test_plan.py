@@ -11,8 +11,10 @@ import torch
 
 from selfflow_world.errors import UserError
 from selfflow_world.plan import (
+    PixelDistance,
     PlanConfig,
     ProbeDistance,
+    SumDistance,
     box_blur,
     feature_distance,
     joint_distance,
@@ -99,11 +101,13 @@ class _PositionProbe(torch.nn.Module):
 def test_probe_distance_compares_positions_only_and_says_which_arm_is_nearer():
     goal = _arm_frame(20)
     frames = torch.stack([_arm_frame(20), _arm_frame(16), _arm_frame(4)])
-    d = ProbeDistance(_PositionProbe(), 1, goal)(frames)
+    d = ProbeDistance(_PositionProbe(), goal, dims=1)(frames)
     assert torch.allclose(d, torch.tensor([0.0, 16.0, 256.0]))
     # sharp pixels cannot tell the nearer of two arms that miss the goal arm
     px = pixel_distance(frames[1:], goal)
     assert torch.allclose(px[0], px[1])
+    both = SumDistance([(1.0, ProbeDistance(_PositionProbe(), goal, dims=1)), (2.0, PixelDistance(goal))])
+    assert torch.allclose(both(frames), d + 2 * pixel_distance(frames, goal))
 
 
 def _pixel_world_model(size: int = 32):
@@ -191,6 +195,7 @@ def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_datase
     assert report["arms"]["model"]["episodes"] == 1
     assert report["state_probe"]["data"] == str(tiny_dataset)
     assert "sin and cos" in report["state_probe"]["state_dims"]
+    assert "qvel" not in report["state_probe"]["state_dims"]  # positions only
     assert "State probe (score state)" in (out / "report.md").read_text()
     saved = (out / "state_probe.pt").read_bytes()
     (out / "episodes" / "model_0000.json").unlink()
@@ -244,6 +249,7 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "reward", "score": "pixels"}, "does not fit"),
         ({"task": "reward", "score": "state"}, "does not fit"),
         ({"probe_epochs": 0}, "probe_epochs must be a positive integer"),
+        ({"pixel_weight": -1.0}, "pixel_weight must be a number >= 0"),
         ({"arms": ["oracle"]}, "arms must be"),
         ({"out": "???"}, "out= is required"),
         ({"pixel_blur": []}, "pixel_blur must be a non-empty list"),
