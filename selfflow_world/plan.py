@@ -149,7 +149,11 @@ class PlanConfig:
             )
         for name in ("temperature", "noise_std", "tolerance"):
             check_positive(name, getattr(self, name))
-        if isinstance(self.pixel_weight, bool) or not isinstance(self.pixel_weight, (int, float)) or self.pixel_weight < 0:
+        if (
+            isinstance(self.pixel_weight, bool)
+            or not isinstance(self.pixel_weight, (int, float))
+            or self.pixel_weight < 0
+        ):
             raise UserError(f"pixel_weight must be a number >= 0, got {self.pixel_weight!r}")
 
     @property
@@ -268,21 +272,19 @@ class PixelDistance:
 
 class ProbeDistance:
     """Frames ``(N, C, H, W)`` -> squared distance ``(N,)`` between the joint positions a state
-    probe reads off them and those it reads off the goal image (the probe's first ``dims`` outputs,
-    default all: raw joint positions, sine and cosine of each unlimited hinge, so angles compare
-    wrapped).
+    probe reads off them and those it reads off the goal image (raw joint positions, sine and
+    cosine of each unlimited hinge, so angles compare wrapped).
 
     Unlike pixel distance it says which way the goal lies when the imagined arm and the goal arm do
     not overlap."""
 
-    def __init__(self, probe, goal_frame: Tensor, dims: int | None = None):
-        self.probe, self.dims = probe, dims
+    def __init__(self, probe, goal_frame: Tensor):
+        self.probe = probe
         self.goal = self.positions(goal_frame[None])[0]
 
     @torch.no_grad()
     def positions(self, frames: Tensor) -> Tensor:
-        device = self.probe.state_mean.device
-        return self.probe(frames.to(device).float())[:, : self.dims]
+        return self.probe(frames.to(self.probe.state_mean.device).float())
 
     def __call__(self, frames: Tensor) -> Tensor:
         return (self.positions(frames) - self.goal).pow(2).sum(1).to(frames.device)
@@ -431,12 +433,19 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
     # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
     state_map = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
     path = out / "state_probe.pt"
+    root = cfg.probe_data or wm.meta.get("config", {}).get("data", "")
+    fitted_from = {
+        "data": str(root),
+        "frames": cfg.probe_frames,
+        "epochs": cfg.probe_epochs,
+        "seed": cfg.seed,
+    }
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        probe = StateProbe(tuple(saved["image_size"]), saved["state_dim"], saved["width"])
-        probe.load_state_dict(saved["weights"])
-        return probe.eval().to(wm.device), saved["report"]
-    root = cfg.probe_data or wm.meta.get("config", {}).get("data", "")
+        if saved.get("fitted_from") == fitted_from:  # otherwise fitted again below
+            probe = StateProbe(tuple(saved["image_size"]), saved["state_dim"], saved["width"])
+            probe.load_state_dict(saved["weights"])
+            return probe.eval().to(wm.device), saved["report"]
     if not root or not Path(root).is_dir():
         where = (
             f"probe_data={root} is not a directory"
@@ -463,6 +472,7 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
         "state_dim": probe.state_dim,
         "width": probe.width,
         "report": report,
+        "fitted_from": fitted_from,
     }
     torch.save(saved, path)
     return probe.eval().to(wm.device), report
@@ -631,7 +641,7 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     history = wm.history
     probe = probe_report = None
-    if score == "state":
+    if score == "state" and set(cfg.arms) != {"random"}:
         probe, probe_report = goal_probe(cfg, wm, env, out)
     gen = torch.Generator(wm.device).manual_seed(cfg.seed)
     results: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
@@ -657,6 +667,8 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                 continue
             goal = distance = stop = None
             if cfg.task == "goal":
+                stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
+            if cfg.task == "goal" and arm != "random":
                 goal_frame = to_float(start.goal_frame[None])[0]
                 if score == "features":
                     goal = wm.clip_features(to_float(np.stack([start.goal_frame] * (history + 1))[None]))[0]
@@ -667,7 +679,6 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                     if cfg.pixel_weight > 0:
                         pixels = PixelDistance(goal_frame, cfg.pixel_blur)
                         distance = SumDistance([(1.0, distance), (cfg.pixel_weight, pixels)])
-                stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
             scorer = None  # random actions need none
             if arm == "model":
                 scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, distance)

@@ -86,27 +86,25 @@ def test_blurred_pixel_distance_ranks_a_nearer_non_overlapping_arm_as_nearer():
 
 
 class _PositionProbe(torch.nn.Module):
-    """A stand-in state probe: reads the bar's column (``_arm_frame``) as position, plus a dim the
-    distance must ignore (the frame's mean brightness, standing in for a velocity)."""
+    """A stand-in state probe: reads the bar's column (``_arm_frame``) as the one joint position."""
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("state_mean", torch.zeros(2))
+        self.register_buffer("state_mean", torch.zeros(1))
 
     def forward(self, frames):
-        column = (frames[:, 0, 10] > 0).float().argmax(-1).float()
-        return torch.stack([column, frames.mean((1, 2, 3)) * 100], 1)
+        return (frames[:, 0, 10] > 0).float().argmax(-1).float()[:, None]
 
 
-def test_probe_distance_compares_positions_only_and_says_which_arm_is_nearer():
+def test_probe_distance_says_which_arm_is_nearer():
     goal = _arm_frame(20)
     frames = torch.stack([_arm_frame(20), _arm_frame(16), _arm_frame(4)])
-    d = ProbeDistance(_PositionProbe(), goal, dims=1)(frames)
+    d = ProbeDistance(_PositionProbe(), goal)(frames)
     assert torch.allclose(d, torch.tensor([0.0, 16.0, 256.0]))
     # sharp pixels cannot tell the nearer of two arms that miss the goal arm
     px = pixel_distance(frames[1:], goal)
     assert torch.allclose(px[0], px[1])
-    both = SumDistance([(1.0, ProbeDistance(_PositionProbe(), goal, dims=1)), (2.0, PixelDistance(goal))])
+    both = SumDistance([(1.0, ProbeDistance(_PositionProbe(), goal)), (2.0, PixelDistance(goal))])
     assert torch.allclose(both(frames), d + 2 * pixel_distance(frames, goal))
 
 
