@@ -464,6 +464,12 @@ def heads_report(wm, cfg: EvalConfig, predicted: np.ndarray, recorded: np.ndarra
     }
 
 
+def _line_style(name: str) -> str:
+    """Dashed for the untrained baseline: a residual model untrained is copy-last exactly, and a
+    solid line on top would hide copy-last's."""
+    return "--" if name == "untrained" else "-"
+
+
 def write_plots(report: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -476,7 +482,7 @@ def write_plots(report: dict, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name, data in report[metric].items():
             c = data["per_horizon"]
-            ax.plot(steps, c["mean"], label=name, marker="o", ms=3)
+            ax.plot(steps, c["mean"], label=name, marker="o", ms=3, ls=_line_style(name))
             if not any(math.isnan(v) for v in c["low"]):
                 ax.fill_between(steps, c["low"], c["high"], alpha=0.2)
         ax.set_xlabel("frames ahead")
@@ -491,7 +497,12 @@ def write_plots(report: dict, out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in ("model", "copy_last", "untrained"):
         ax.plot(
-            steps, report["state_probe"][name]["relative_to_floor_per_horizon"], label=name, marker="o", ms=3
+            steps,
+            report["state_probe"][name]["relative_to_floor_per_horizon"],
+            label=name,
+            marker="o",
+            ms=3,
+            ls=_line_style(name),
         )
     ax.axhline(1.0, color="gray", ls="--", label="probe floor (real frames)")
     ax.set_xlabel("frames ahead")
