@@ -40,6 +40,12 @@ def main() -> None:
         default="",
         help="state score: dataset whose frames and states train the probe (default: the model's data)",
     )
+    p.add_argument(
+        "--probe-imagined",
+        type=int,
+        default=0,
+        help="state score: clips whose imagined frames the probe also fits (0: real frames only)",
+    )
     p.add_argument("--pixel-weight", type=float, default=0.0, help="state score: plus this x pixel distance")
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
@@ -68,6 +74,8 @@ def main() -> None:
     tag = args.score if blur == [0] else f"{args.score}-blur{'-'.join(map(str, blur))}"
     if args.pixel_weight:
         tag += f"-px{args.pixel_weight:g}"
+    if args.probe_imagined:
+        tag += f"-im{args.probe_imagined}"
     for setting in args.settings.split(","):
         population, horizon, iterations = (int(v) for v in setting.lower().split("x"))
         cfg = PlanConfig(
@@ -78,6 +86,7 @@ def main() -> None:
             pixel_blur=blur,
             probe_data=args.probe_data,
             pixel_weight=args.pixel_weight,
+            probe_imagined=args.probe_imagined,
             episodes=args.episodes,
             out=os.path.join(args.out, f"{tag}_{setting}_x{args.execute}"),
             arms=args.arms.split(","),

@@ -149,6 +149,10 @@ class ClipDataset(Dataset):
         """Env units -> [-1, 1] with the dataset's bounds."""
         return (actions - self._action_center) / self._action_half
 
+    def denormalize_actions(self, actions: np.ndarray) -> np.ndarray:
+        """[-1, 1] -> env units with the dataset's bounds (the inverse of :meth:`normalize_actions`)."""
+        return actions * self._action_half + self._action_center
+
     def _arrays(self, pos: int) -> dict[str, np.ndarray]:
         if pos not in self._cache:  # opened lazily, so each worker maps the files itself
             self._cache[pos] = load_episode(self.episodes[pos].path, mmap=True)

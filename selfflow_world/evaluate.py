@@ -191,15 +191,56 @@ def probe_splits(wm, root: str):
     return ClipDataset(root, spec, "train"), ClipDataset(root, spec, "val")
 
 
-def train_state_probe(train_set, val_set, state_map: StateMap, frames: int, epochs: int, seed: int):
+@torch.no_grad()
+def imagined_probe_data(
+    wm, dataset, clips: int, horizon: int, state_map: StateMap, seed: int, steps: int = 1
+):
+    """Frames the model imagines from ``clips`` clips of ``dataset`` under their recorded actions,
+    ``horizon`` steps each (``steps`` sampler steps per frame), paired with the recorded states they stand for: uint8 ``(N, 3, h, w)``
+    and float ``(N, S)``, ``N = clips * horizon`` (fewer if the dataset holds fewer clips).
+
+    A probe fitted on real frames only misreads imagined ones, which are blurrier; with these among
+    its training frames it learns what an imagined frame says about the state."""
+    from selfflow_world.clips import ClipDataset, ClipSpec
+
+    spec = ClipSpec(
+        history=wm.history,
+        future=horizon,
+        val_fraction=dataset.spec.val_fraction,
+        split_seed=dataset.spec.split_seed,
+    )
+    source = ClipDataset(dataset.root, spec, "train")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(source), min(clips, len(source)), replace=False))
+    gen = torch.Generator(wm.device).manual_seed(seed)
+    frames, states = [], []
+    for chunk in np.array_split(pick, max(1, math.ceil(len(pick) / 64))):
+        items = [source[int(i)] for i in chunk]
+        clip = torch.stack([it["frames"] for it in items]).float() / 127.5 - 1.0  # (B, T, 3, h, w)
+        acts = source.denormalize_actions(torch.stack([it["actions"] for it in items]).numpy())
+        h = wm.history
+        imagined = wm.imagine(
+            clip[:, :h], acts[:, h:], context_actions=acts[:, :h], generator=gen, steps=steps
+        )
+        frames.append(((imagined.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).flatten(0, 1))
+        states.append(state_map(torch.stack([it["states"][h:] for it in items])).flatten(0, 1))
+    return torch.cat(frames), torch.cat(states)
+
+
+def train_state_probe(
+    train_set, val_set, state_map: StateMap, frames: int, epochs: int, seed: int, extra=None
+):
     """A :class:`~selfflow_world.probe.StateProbe` fitted on up to ``frames`` real frames of
-    ``train_set``'s episodes, with its held-out error on ``val_set``'s (the floor). Returns
-    ``(probe, metrics)``; deterministic in ``seed``."""
+    ``train_set``'s episodes (plus ``extra``, a pair of uint8 frames and states such as
+    :func:`imagined_probe_data` makes), with its held-out error on ``val_set``'s real frames (the
+    floor). Returns ``(probe, metrics)``; deterministic in ``seed``."""
     from selfflow_world.probe import fit_probe
 
     rng = np.random.default_rng(seed)
     tr_frames, tr_states = _probe_data(train_set, frames, state_map, rng)
     va_frames, va_states = _probe_data(val_set, frames, state_map, rng)
+    if extra is not None:
+        tr_frames, tr_states = torch.cat([tr_frames, extra[0]]), torch.cat([tr_states, extra[1]])
     return fit_probe(
         tr_frames,
         tr_states,

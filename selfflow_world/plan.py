@@ -79,6 +79,7 @@ class PlanConfig:
     probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
     probe_frames: int = 12000
     probe_epochs: int = 15
+    probe_imagined: int = 0  # state: clips whose imagined frames (1..horizon steps) it also fits
     pixel_weight: float = 0.0  # state: plus this weight times the pixel distance (fine positioning)
     episodes: int = 50
     out: str = "???"
@@ -149,6 +150,15 @@ class PlanConfig:
             )
         for name in ("temperature", "noise_std", "tolerance"):
             check_positive(name, getattr(self, name))
+        if (
+            isinstance(self.probe_imagined, bool)
+            or not isinstance(self.probe_imagined, int)
+            or self.probe_imagined < 0
+        ):
+            raise UserError(
+                f"probe_imagined must be an integer >= 0 (clips of imagined frames for the state probe), "
+                f"got {self.probe_imagined!r}"
+            )
         if (
             isinstance(self.pixel_weight, bool)
             or not isinstance(self.pixel_weight, (int, float))
@@ -427,7 +437,7 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
     """The state probe of the ``state`` score: fitted on the real frames of ``cfg.probe_data`` (default:
     the dataset the model was trained on) and kept in ``out/state_probe.pt``, which a rerun with
     ``resume`` loads. Returns the probe (on the model's device) and what the report says of it."""
-    from selfflow_world.evaluate import StateMap, probe_splits, train_state_probe
+    from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits, train_state_probe
     from selfflow_world.probe import StateProbe
 
     # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
@@ -440,6 +450,10 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
         "epochs": cfg.probe_epochs,
         "seed": cfg.seed,
     }
+    if cfg.probe_imagined:
+        fitted_from.update(
+            imagined_clips=cfg.probe_imagined, horizon=cfg.horizon, sampler_steps=cfg.sampler_steps
+        )
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fitted_from") == fitted_from:  # otherwise fitted again below
@@ -457,14 +471,20 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
             f"pass probe_data=DIR, a dataset of {env.name} (e.g. sfw collect env={env.name} episodes=50 out=DIR)"
         )
     train_set, val_set = probe_splits(wm, root)
+    extra = None
+    if cfg.probe_imagined:  # the model's own imagined frames, as the score will read them
+        extra = imagined_probe_data(
+            wm, train_set, cfg.probe_imagined, cfg.horizon, state_map, cfg.seed, cfg.sampler_steps
+        )
     probe, metrics = train_state_probe(
-        train_set, val_set, state_map, cfg.probe_frames, cfg.probe_epochs, cfg.seed
+        train_set, val_set, state_map, cfg.probe_frames, cfg.probe_epochs, cfg.seed, extra
     )
     report = {
         "data": str(root),
         "state_dims": state_map.description,
         "floor_rmse": metrics["rmse"],
         "floor_rmse_overall": metrics["rmse_overall"],
+        "imagined_clips": cfg.probe_imagined,
     }
     saved = {
         "weights": probe.state_dict(),

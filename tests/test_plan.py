@@ -200,11 +200,47 @@ def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_datase
     again = run_plan(cfg, progress=False)  # the kept probe is loaded, not fitted again
     assert (out / "state_probe.pt").read_bytes() == saved
     assert again["state_probe"] == report["state_probe"]
+    with_imagined = PlanConfig(**{**cfg.__dict__, "probe_imagined": 3})
+    (out / "episodes" / "model_0000.json").unlink()
+    third = run_plan(with_imagined, progress=False)  # other probe settings: fitted again
+    assert (out / "state_probe.pt").read_bytes() != saved
+    assert third["state_probe"]["imagined_clips"] == 3
     missing = PlanConfig(
         **{**cfg.__dict__, "out": str(tmp_path / "p2"), "probe_data": str(tmp_path / "nope")}
     )
     with pytest.raises(UserError, match="probe_data=.*nope is not a directory.*sfw collect"):
         run_plan(missing, progress=False)
+
+
+def test_imagined_probe_frames_are_the_models_rollouts_paired_with_recorded_states(tiny_run, tiny_dataset):
+    from selfflow_world.clips import ClipDataset, ClipSpec
+    from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits
+    from selfflow_world.world_model import WorldModel
+
+    wm = WorldModel.load(str(tiny_run))
+    train_set, _ = probe_splits(wm, str(tiny_dataset))
+    state_map = StateMap(2, 2, [0], velocities=False)  # reacher: shoulder unlimited, wrist limited
+    frames, states = imagined_probe_data(wm, train_set, 10**6, 3, state_map, seed=0)
+    spec = ClipSpec(
+        history=wm.history,
+        future=3,
+        val_fraction=train_set.spec.val_fraction,
+        split_seed=train_set.spec.split_seed,
+    )
+    clips = ClipDataset(tiny_dataset, spec, "train")
+    items = [clips[i] for i in range(len(clips))]  # every clip, in order
+    assert frames.dtype == torch.uint8 and frames.shape == (3 * len(clips), 3, 16, 16)
+    h = wm.history
+    recorded = torch.stack([it["states"][h:] for it in items])  # the states of frames h .. h+2
+    assert torch.allclose(states, state_map(recorded).flatten(0, 1))
+    context = torch.stack([it["frames"][:h] for it in items]).float() / 127.5 - 1.0
+    acts = clips.denormalize_actions(torch.stack([it["actions"] for it in items]).numpy())
+    again = wm.imagine(
+        context, acts[:, h:], context_actions=acts[:, :h], steps=1, generator=torch.Generator().manual_seed(0)
+    )
+    expected = ((again + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).flatten(0, 1)
+    assert torch.equal(frames, expected)  # what the model imagines under the recorded actions
+    assert imagined_probe_data(wm, train_set, 4, 3, state_map, seed=0)[0].shape[0] == 12
 
 
 def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_path):
@@ -248,6 +284,7 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "reward", "score": "state"}, "does not fit"),
         ({"probe_epochs": 0}, "probe_epochs must be a positive integer"),
         ({"pixel_weight": -1.0}, "pixel_weight must be a number >= 0"),
+        ({"probe_imagined": -3}, "probe_imagined must be an integer >= 0"),
         ({"arms": ["oracle"]}, "arms must be"),
         ({"out": "???"}, "out= is required"),
         ({"pixel_blur": []}, "pixel_blur must be a non-empty list"),
