@@ -5,9 +5,9 @@ each setting ``population x horizon x iterations`` on the same starts, and print
 imagined frames and seconds per plan and the success rate with its 95 % Wilson interval. Results
 are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
 
-    python bench/bench_plan.py --ckpt reacher-easy --episodes 50
+    python bench/bench_plan.py --ckpt reacher-easy --episodes 50 --arms model,random  # the defaults
     python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
-    python bench/bench_plan.py --settings 32x5x2 --score state --execute 2 --arms model,random
+    python bench/bench_plan.py --settings 32x3x2 --score state --pixel-weight 0 --probe-imagined 0
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument(
         "--settings",
-        default="16x5x2,32x5x3,64x5x3",
+        default="32x5x2",
         help="population x horizon x iterations, comma-separated",
     )
     p.add_argument("--planner", default="cem")
-    p.add_argument("--score", default="features")
+    p.add_argument("--score", default="state")
     p.add_argument(
         "--pixel-blur",
         default="0",
@@ -43,13 +43,13 @@ def main() -> None:
     p.add_argument(
         "--probe-imagined",
         type=int,
-        default=0,
-        help="state score: clips whose imagined frames the probe also fits (0: real frames only)",
+        default=3000,
+        help="state score, a fitted probe: clips whose imagined frames it also fits (0: real frames only)",
     )
-    p.add_argument("--pixel-weight", type=float, default=0.0, help="state score: plus this x pixel distance")
+    p.add_argument("--pixel-weight", type=float, default=50.0, help="state score: plus this x pixel distance")
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
-    p.add_argument("--execute", type=int, default=1, help="actions executed per plan before replanning")
+    p.add_argument("--execute", type=int, default=2, help="actions executed per plan before replanning")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_plan")
     args = p.parse_args()
@@ -65,16 +65,18 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); goal task, {args.planner}, "
-        f"score {args.score} (blur {args.pixel_blur}), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
+        f"score {args.score} (blur {args.pixel_blur}"
+        f"{f', pixel weight {args.pixel_weight:g}, probe_imagined {args.probe_imagined}' if args.score == 'state' else ''}"
+        f"), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
         f"{args.execute} action(s) per plan"
     )
     print("| setting (pop x horizon x iters) | arm | frames per plan | s per plan | success | 95% CI |")
     print("|---|---|---|---|---|---|")
     blur = [int(v) for v in args.pixel_blur.split(",")]
     tag = args.score if blur == [0] else f"{args.score}-blur{'-'.join(map(str, blur))}"
-    if args.pixel_weight:
+    if args.score == "state" and args.pixel_weight:
         tag += f"-px{args.pixel_weight:g}"
-    if args.probe_imagined:
+    if args.score == "state" and args.probe_imagined:
         tag += f"-im{args.probe_imagined}"
     for setting in args.settings.split(","):
         population, horizon, iterations = (int(v) for v in setting.lower().split("x"))

@@ -47,9 +47,8 @@ SCORES = ("auto", "features", "pixels", "state", "reward")
 ARMS = ("model", "random", "simulator")
 
 # a small CEM search that plans a goal episode within about a minute on 2 CPU cores (32 candidates
-# x 5 steps x 2 iterations, two actions executed per plan), with the pixel score, which plans
-# better than the feature score with the shipped reacher model (BENCHMARKS.md); the demo and
-# bench/study.py use it
+# x 5 steps x 2 iterations, two actions executed per plan), with the pixel score, which needs no
+# state probe (any model plans with it at once); the demo and bench/study.py use it
 QUICK_GOAL_SEARCH: dict[str, Any] = {
     "score": "pixels",
     "population": 32,
@@ -74,25 +73,25 @@ class PlanConfig:
     env: str | None = None  # default: the env the model was trained on
     planner: str = "cem"
     task: str = "goal"
-    score: str = "auto"  # goal: features (default) or pixels; reward: reward
+    score: str = "auto"  # goal: state (default), features or pixels; reward: reward
     pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
     probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
     probe_frames: int = 12000
     probe_epochs: int = 15
-    probe_imagined: int = 0  # state: clips whose imagined frames (1..horizon steps) it also fits
-    pixel_weight: float = 0.0  # state: plus this weight times the pixel distance (fine positioning)
+    probe_imagined: int = 3000  # state: clips whose imagined frames (1..horizon steps) it also fits
+    pixel_weight: float = 50.0  # state: plus this weight times the pixel distance (fine positioning)
     episodes: int = 50
     out: str = "???"
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     baseline_episodes: int | None = None  # episodes of the simulator arm (default: all)
     horizon: int = 5
-    population: int = 64
-    iterations: int = 3
-    elites: int = 8
+    population: int = 32
+    iterations: int = 2
+    elites: int = 4
     temperature: float = 0.1  # MPPI
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
-    execute: int = 1  # actions executed per plan
+    execute: int = 2  # actions executed per plan
     sampler_steps: int = 1
     goal_offset: int = 25
     budget: int = 50
@@ -170,7 +169,7 @@ class PlanConfig:
     def resolved_score(self) -> str:
         if self.score != "auto":
             return self.score
-        return "features" if self.task == "goal" else "reward"
+        return "state" if self.task == "goal" else "reward"
 
 
 # -- goal protocol ------------------------------------------------------------------------------------
@@ -433,12 +432,55 @@ class SimulatorScorer:
         return -feature_distance(feats, self.goal).to(actions.device)
 
 
+PROBE_FILE, PROBE_META = "state_probe.safetensors", "state_probe.json"  # beside a model's weights
+
+
+def ship_probe(kept: str | Path, model_dir: str | Path) -> None:
+    """Store the probe a plan fitted and kept (``out/state_probe.pt``) beside a model's weights in
+    ``model_dir`` (``state_probe.safetensors`` and ``state_probe.json``), so ``score=state`` with
+    that model needs no dataset: the goal probe shipped with a model."""
+    from safetensors.torch import save_file
+
+    saved = torch.load(kept, map_location="cpu", weights_only=True)
+    model_dir = Path(model_dir)
+    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(model_dir / PROBE_FILE))
+    meta = {k: saved[k] for k in ("image_size", "state_dim", "width", "report", "fitted_from")}
+    (model_dir / PROBE_META).write_text(json.dumps(meta, indent=2))
+
+
+def shipped_probe(wm):
+    """The probe stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.probe import StateProbe
+
+    try:
+        ckpt = resolve_checkpoint(wm.source)
+    except UserError:  # a model built in memory
+        return None
+    if not (ckpt / PROBE_FILE).is_file() or not (ckpt / PROBE_META).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt / PROBE_META).read_text())
+    probe = StateProbe(tuple(meta["image_size"]), meta["state_dim"], meta["width"])
+    probe.load_state_dict(load_file(str(ckpt / PROBE_FILE)))
+    return probe, meta
+
+
 def goal_probe(cfg: PlanConfig, wm, env, out: Path):
-    """The state probe of the ``state`` score: fitted on the real frames of ``cfg.probe_data`` (default:
-    the dataset the model was trained on) and kept in ``out/state_probe.pt``, which a rerun with
-    ``resume`` loads. Returns the probe (on the model's device) and what the report says of it."""
+    """The state probe of the ``state`` score. Without ``cfg.probe_data``, the probe shipped with the
+    model if it has one (:func:`ship_probe`); otherwise fitted on the real frames (and, with
+    ``probe_imagined``, the imagined ones) of ``cfg.probe_data`` (default: the dataset the model was
+    trained on) and kept in ``out/state_probe.pt``, which a rerun with ``resume`` loads. Returns the
+    probe (on the model's device) and what the report says of it."""
     from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits, train_state_probe
     from selfflow_world.probe import StateProbe
+
+    if not cfg.probe_data:
+        found = shipped_probe(wm)
+        if found is not None:
+            probe, meta = found
+            return probe.eval().to(wm.device), {**meta["report"], "shipped_with_model": True}
 
     # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
     state_map = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
@@ -888,8 +930,10 @@ def plan_markdown(report: dict) -> str:
         rmse = ", ".join(f"{v:.3f}" for v in sp["floor_rmse"])
         lines += [
             "",
-            f"State probe (score state): fitted on the real frames of {sp['data']}, reading {sp['state_dims']}; "
-            f"its held-out RMSE per dim on real frames: {rmse}.",
+            f"State probe (score state{', shipped with the model' if sp.get('shipped_with_model') else ''}): "
+            f"fitted on the real frames of {sp['data']}"
+            f"{' and the imagined frames of ' + str(sp['imagined_clips']) + ' clips' if sp.get('imagined_clips') else ''}, "
+            f"reading {sp['state_dims']}; its held-out RMSE per dim on real frames: {rmse}.",
         ]
     lines += ["", "Files: " + ", ".join(report.get("videos", []) + report.get("plots", []))]
     return "\n".join(lines) + "\n"

@@ -172,23 +172,16 @@ def test_plan_smoke_on_a_tiny_model_writes_the_report(tiny_run, tmp_path):
     assert json.loads((out / "episodes/random_0000.json").read_text()) == first
 
 
+def _tiny_state_plan(ckpt, out, **overrides) -> PlanConfig:
+    """A one-episode, two-step goal plan with score=state that fits a tiny probe."""
+    settings = dict(score="state", probe_frames=120, episodes=1, budget=2, horizon=2, population=4)
+    settings.update(iterations=1, elites=2, videos=0, arms=["model"], probe_imagined=0)
+    return PlanConfig(ckpt=str(ckpt), out=str(out), **{**settings, **overrides})
+
+
 def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_dataset, tmp_path):
     out = tmp_path / "plan"
-    cfg = PlanConfig(
-        ckpt=str(tiny_run),
-        out=str(out),
-        score="state",
-        probe_frames=120,
-        probe_epochs=2,
-        episodes=1,
-        budget=2,
-        horizon=2,
-        population=4,
-        iterations=1,
-        elites=2,
-        videos=0,
-        arms=["model"],
-    )
+    cfg = _tiny_state_plan(tiny_run, out, probe_epochs=2)
     report = run_plan(cfg, progress=False)
     assert report["arms"]["model"]["episodes"] == 1
     assert report["state_probe"]["data"] == str(tiny_dataset)
@@ -210,6 +203,26 @@ def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_datase
     )
     with pytest.raises(UserError, match="probe_data=.*nope is not a directory.*sfw collect"):
         run_plan(missing, progress=False)
+
+
+def test_a_probe_shipped_with_the_model_is_used_without_data(tiny_run, tmp_path):
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.plan import ship_probe
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(tiny_run), ckpt)
+    cfg = _tiny_state_plan(ckpt, tmp_path / "fit", probe_epochs=1)
+    fitted = run_plan(cfg, progress=False)
+    ship_probe(tmp_path / "fit" / "state_probe.pt", ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["config"]["data"] = str(tmp_path / "gone")  # the training data is not on this machine
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    again = PlanConfig(**{**cfg.__dict__, "out": str(tmp_path / "shipped")})
+    report = run_plan(again, progress=False)
+    assert report["state_probe"]["shipped_with_model"]
+    assert report["state_probe"]["floor_rmse"] == fitted["state_probe"]["floor_rmse"]
+    assert not (tmp_path / "shipped" / "state_probe.pt").exists()  # nothing fitted
+    assert "shipped with the model" in (tmp_path / "shipped" / "report.md").read_text()
 
 
 def test_imagined_probe_frames_are_the_models_rollouts_paired_with_recorded_states(tiny_run, tiny_dataset):
@@ -311,6 +324,7 @@ def test_env_with_other_actions_is_refused_and_other_env_warns(tiny_run, tmp_pat
                 episodes=1,
                 budget=1,
                 horizon=1,
+                execute=1,
                 population=2,
                 iterations=1,
                 elites=1,
