@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument(
         "--settings",
-        default="32x5x2",
+        default="32x3x2",
         help="population x horizon x iterations, comma-separated",
     )
     p.add_argument("--planner", default="cem")

@@ -84,7 +84,7 @@ class PlanConfig:
     out: str = "???"
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     baseline_episodes: int | None = None  # episodes of the simulator arm (default: all)
-    horizon: int = 5
+    horizon: int = 3
     population: int = 32
     iterations: int = 2
     elites: int = 4
