@@ -146,12 +146,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
-    """Goal-reaching episodes planned with CEM in the model (:data:`plan.QUICK_GOAL_SEARCH`), or
-    None where the env has no goal protocol or none are asked."""
-    from selfflow_world.plan import GOAL_JOINTS, QUICK_GOAL_SEARCH, PlanConfig, run_plan
+    """Goal-reaching episodes planned with CEM in the model, or None where the env has no goal
+    protocol or none are asked. A model with a goal probe shipped beside its weights plans with
+    ``sfw plan``'s defaults (the state score); any other with :data:`plan.QUICK_GOAL_SEARCH`
+    (the pixel score, which needs no probe)."""
+    from selfflow_world.plan import GOAL_JOINTS, QUICK_GOAL_SEARCH, PlanConfig, run_plan, shipped_probe
 
     if cfg.plan_episodes == 0 or env not in GOAL_JOINTS:
         return None
+    search = {} if shipped_probe(wm) is not None else QUICK_GOAL_SEARCH
     plan_cfg = PlanConfig(
         ckpt=cfg.ckpt,
         env=env,
@@ -160,7 +163,7 @@ def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
         episodes=cfg.plan_episodes,
         out=str(out / "plan"),
         arms=["model"],
-        **QUICK_GOAL_SEARCH,
+        **search,
         budget=cfg.plan_budget,
         sampler_steps=cfg.sampler_steps,
         videos=cfg.plan_episodes,
