@@ -150,11 +150,11 @@ def _plan_episodes(cfg: DemoConfig, wm, env: str, out: Path) -> dict | None:
     protocol or none are asked. A model with a goal probe shipped beside its weights plans with
     ``sfw plan``'s defaults (the state score); any other with :data:`plan.QUICK_GOAL_SEARCH`
     (the pixel score, which needs no probe)."""
-    from selfflow_world.plan import GOAL_JOINTS, QUICK_GOAL_SEARCH, PlanConfig, run_plan, shipped_probe
+    from selfflow_world.plan import GOAL_JOINTS, QUICK_GOAL_SEARCH, PlanConfig, run_plan, shipped_probe_dir
 
     if cfg.plan_episodes == 0 or env not in GOAL_JOINTS:
         return None
-    search = {} if shipped_probe(wm) is not None else QUICK_GOAL_SEARCH
+    search = {} if shipped_probe_dir(wm) is not None else QUICK_GOAL_SEARCH
     plan_cfg = PlanConfig(
         ckpt=cfg.ckpt,
         env=env,

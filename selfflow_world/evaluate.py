@@ -196,8 +196,8 @@ def imagined_probe_data(
     wm, dataset, clips: int, horizon: int, state_map: StateMap, seed: int, steps: int = 1
 ):
     """Frames the model imagines from ``clips`` clips of ``dataset`` under their recorded actions,
-    ``horizon`` steps each (``steps`` sampler steps per frame), paired with the recorded states they stand for: uint8 ``(N, 3, h, w)``
-    and float ``(N, S)``, ``N = clips * horizon`` (fewer if the dataset holds fewer clips).
+    ``horizon`` steps each (``steps`` sampler steps per frame), paired with the recorded states they
+    stand for: uint8 ``(N, 3, h, w)`` and float ``(N, S)``, ``N = clips * horizon`` (fewer if the dataset holds fewer clips).
 
     A probe fitted on real frames only misreads imagined ones, which are blurrier; with these among
     its training frames it learns what an imagined frame says about the state."""
@@ -213,12 +213,11 @@ def imagined_probe_data(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(source), min(clips, len(source)), replace=False))
     gen = torch.Generator(wm.device).manual_seed(seed)
-    frames, states = [], []
+    frames, states, h = [], [], wm.history
     for chunk in np.array_split(pick, max(1, math.ceil(len(pick) / 64))):
         items = [source[int(i)] for i in chunk]
         clip = torch.stack([it["frames"] for it in items]).float() / 127.5 - 1.0  # (B, T, 3, h, w)
         acts = source.denormalize_actions(torch.stack([it["actions"] for it in items]).numpy())
-        h = wm.history
         imagined = wm.imagine(
             clip[:, :h], acts[:, h:], context_actions=acts[:, :h], generator=gen, steps=steps
         )

@@ -448,23 +448,36 @@ def ship_probe(kept: str | Path, model_dir: str | Path) -> None:
     (model_dir / PROBE_META).write_text(json.dumps(meta, indent=2))
 
 
-def shipped_probe(wm):
-    """The probe stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
-    from selfflow_world.checkpoint import resolve_checkpoint
+def _probe_from(meta: dict, weights: dict):
+    """A :class:`~selfflow_world.probe.StateProbe` built from its saved sizes and weights, in eval mode."""
     from selfflow_world.probe import StateProbe
+
+    probe = StateProbe(tuple(meta["image_size"]), meta["state_dim"], meta["width"])
+    probe.load_state_dict(weights)
+    return probe.eval()
+
+
+def shipped_probe_dir(wm) -> Path | None:
+    """The checkpoint directory of ``wm`` if a goal probe is stored beside its weights
+    (:func:`ship_probe`), else None; reads no weights."""
+    from selfflow_world.checkpoint import resolve_checkpoint
 
     try:
         ckpt = resolve_checkpoint(wm.source)
     except UserError:  # a model built in memory
         return None
-    if not (ckpt / PROBE_FILE).is_file() or not (ckpt / PROBE_META).is_file():
-        return None
+    return ckpt if (ckpt / PROBE_FILE).is_file() and (ckpt / PROBE_META).is_file() else None
+
+
+def shipped_probe(wm):
+    """The probe stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
     from safetensors.torch import load_file
 
+    ckpt = shipped_probe_dir(wm)
+    if ckpt is None:
+        return None
     meta = json.loads((ckpt / PROBE_META).read_text())
-    probe = StateProbe(tuple(meta["image_size"]), meta["state_dim"], meta["width"])
-    probe.load_state_dict(load_file(str(ckpt / PROBE_FILE)))
-    return probe, meta
+    return _probe_from(meta, load_file(str(ckpt / PROBE_FILE))), meta
 
 
 def goal_probe(cfg: PlanConfig, wm, env, out: Path):
@@ -474,13 +487,12 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
     trained on) and kept in ``out/state_probe.pt``, which a rerun with ``resume`` loads. Returns the
     probe (on the model's device) and what the report says of it."""
     from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits, train_state_probe
-    from selfflow_world.probe import StateProbe
 
     if not cfg.probe_data:
         found = shipped_probe(wm)
         if found is not None:
             probe, meta = found
-            return probe.eval().to(wm.device), {**meta["report"], "shipped_with_model": True}
+            return probe.to(wm.device), {**meta["report"], "shipped_with_model": True}
 
     # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
     state_map = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
@@ -499,9 +511,7 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fitted_from") == fitted_from:  # otherwise fitted again below
-            probe = StateProbe(tuple(saved["image_size"]), saved["state_dim"], saved["width"])
-            probe.load_state_dict(saved["weights"])
-            return probe.eval().to(wm.device), saved["report"]
+            return _probe_from(saved, saved["weights"]).to(wm.device), saved["report"]
     if not root or not Path(root).is_dir():
         where = (
             f"probe_data={root} is not a directory"
@@ -963,7 +973,7 @@ def write_plan_plots(report: dict, out: Path) -> list[str]:
     else:
         ax.set_ylabel("episode return")
     ax.bar(arms, vals, yerr=err, capsize=4, color=["tab:blue", "tab:gray", "tab:green"][: len(arms)])
-    ax.set_title(f"{report['task']} in {report['env']}, score {report['score']} (95% CI)")
+    ax.set_title(f"{report['task']} in {report['env']}\nscore {report['score']} (95% CI)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "arms.png", dpi=120)
     plt.close(fig)
