@@ -1,13 +1,15 @@
-"""Goal-reaching success against planning cost, one row per planner setting, in one run.
+"""Planning success against planning cost, one row per planner setting, in one run.
 
-Runs ``sfw plan task=goal`` (the world model arm, and optionally the random and simulator arms) for
-each setting ``population x horizon x iterations`` on the same starts, and prints per setting the
-imagined frames and seconds per plan and the success rate with its 95 % Wilson interval. Results
+Runs ``sfw plan`` (the world model arm, and optionally the random and simulator arms) for each
+setting ``population x horizon x iterations`` on the same starts, and prints per setting the
+imagined frames and seconds per plan and the goal success rate with its 95 % Wilson interval
+(``--task goal``) or the mean episode return with its 95 % t interval (``--task reward``). Results
 are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
 
     python bench/bench_plan.py --ckpt reacher-easy --episodes 50 --arms model,random  # the defaults
     python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
     python bench/bench_plan.py --settings 32x3x2 --score state --pixel-weight 0 --probe-imagined 0
+    python bench/bench_plan.py --task reward --score target --episodes 5 --arms model,random
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def main() -> None:
         help="population x horizon x iterations, comma-separated",
     )
     p.add_argument("--planner", default="cem")
-    p.add_argument("--score", default="state")
+    p.add_argument("--task", default="goal", choices=["goal", "reward"])
+    p.add_argument("--score", default="state", help="goal: state|pixels|features; reward: target|reward")
     p.add_argument(
         "--pixel-blur",
         default="0",
@@ -38,18 +41,19 @@ def main() -> None:
     p.add_argument(
         "--probe-data",
         default="",
-        help="state score: dataset whose frames and states train the probe (default: the model's data)",
+        help="state/target score: dataset whose frames and states train the probe (default: the model's data)",
     )
     p.add_argument(
         "--probe-imagined",
         type=int,
         default=3000,
-        help="state score, a fitted probe: clips whose imagined frames it also fits (0: real frames only)",
+        help="state/target score, a fitted probe: clips whose imagined frames it also fits (0: real frames only)",
     )
     p.add_argument("--pixel-weight", type=float, default=50.0, help="state score: plus this x pixel distance")
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
     p.add_argument("--execute", type=int, default=2, help="actions executed per plan before replanning")
+    p.add_argument("--common-noise", action="store_true", help="every candidate from the same sampler noise")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_plan")
     args = p.parse_args()
@@ -64,16 +68,18 @@ def main() -> None:
     wm = WorldModel.load(args.ckpt, device=device)
     cpu = platform.processor() or platform.machine()
     print(
-        f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); goal task, {args.planner}, "
+        f"# {args.ckpt} on {device} ({torch.get_num_threads()} threads, {cpu}); {args.task} task, {args.planner}, "
         f"score {args.score} (blur {args.pixel_blur}"
         f"{f', pixel weight {args.pixel_weight:g}, probe_imagined {args.probe_imagined}' if args.score == 'state' else ''}"
         f"), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
-        f"{args.execute} action(s) per plan"
+        f"{args.execute} action(s) per plan{', common noise' if args.common_noise else ''}"
     )
-    print("| setting (pop x horizon x iters) | arm | frames per plan | s per plan | success | 95% CI |")
+    outcome = "success" if args.task == "goal" else "return"
+    print(f"| setting (pop x horizon x iters) | arm | frames per plan | s per plan | {outcome} | 95% CI |")
     print("|---|---|---|---|---|---|")
     blur = [int(v) for v in args.pixel_blur.split(",")]
-    tag = args.score if blur == [0] else f"{args.score}-blur{'-'.join(map(str, blur))}"
+    tag = ("" if args.task == "goal" else "reward-") + args.score
+    tag = tag if blur == [0] else f"{tag}-blur{'-'.join(map(str, blur))}"
     if args.score == "state" and args.pixel_weight:
         tag += f"-px{args.pixel_weight:g}"
     if args.score == "state" and args.probe_imagined:
@@ -83,14 +89,16 @@ def main() -> None:
         cfg = PlanConfig(
             ckpt=args.ckpt,
             planner=args.planner,
-            task="goal",
+            task=args.task,
             score=args.score,
             pixel_blur=blur,
             probe_data=args.probe_data,
             pixel_weight=args.pixel_weight,
             probe_imagined=args.probe_imagined,
             episodes=args.episodes,
-            out=os.path.join(args.out, f"{tag}_{setting}_x{args.execute}"),
+            out=os.path.join(
+                args.out, f"{tag}_{setting}_x{args.execute}{'_cn' if args.common_noise else ''}"
+            ),
             arms=args.arms.split(","),
             population=population,
             horizon=horizon,
@@ -98,17 +106,18 @@ def main() -> None:
             elites=max(2, population // 8),
             sampler_steps=args.sampler_steps,
             execute=args.execute,
+            common_noise=args.common_noise,
             videos=0,
         )
         report = run_plan(cfg, wm=wm, progress=False)
         for arm, e in report["arms"].items():
             frames = e.get("imagined_frames_per_plan", float("nan"))
             seconds = e.get("seconds_per_plan", float("nan"))
-            print(
-                f"| {setting} | {arm} | {frames:.0f} | {seconds:.2f} | {e['success']:.0%} ({e['successes']}/{e['episodes']}) "
-                f"| [{e['success_low']:.0%}, {e['success_high']:.0%}] |",
-                flush=True,
-            )
+            if args.task == "goal":
+                result = f"{e['success']:.0%} ({e['successes']}/{e['episodes']}) | [{e['success_low']:.0%}, {e['success_high']:.0%}]"
+            else:
+                result = f"{e['return_mean']:.0f} ({e['episodes']} episodes) | [{e['return_low']:.0f}, {e['return_high']:.0f}]"
+            print(f"| {setting} | {arm} | {frames:.0f} | {seconds:.2f} | {result} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -257,6 +257,10 @@ class PixelEnv(gym.Env):
             self._backend.reset(self.np_random)
         return self.set_physics_state(state, render=render)
 
+    def native_obs(self) -> np.ndarray:
+        """The task's own observation vector now (what state-based agents see), float32."""
+        return self._backend.native_obs()
+
     def simulate(self, action) -> tuple[float, bool, bool]:
         """:meth:`step` without rendering (physics only, for planning against the simulator):
         returns ``(reward, terminated, truncated)``; :meth:`render` then shows the new state."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,21 +156,60 @@ class StateMap:
         parts = [qpos[..., keep], angles.sin(), angles.cos()] + ([qvel] if self.velocities else [])
         return torch.cat(parts, -1).float()
 
+    def episode_labels(self, info, arrays) -> torch.Tensor:
+        """What the probe reads off each frame of one recorded episode, ``(T+1, dim)``."""
+        return self(arrays["states"])
+
     @property
     def description(self) -> str:
         text = f"qpos ({self.nq - len(self.wrapped)} raw, {len(self.wrapped)} unlimited hinge angles as sin and cos)"
         return text + (f" + qvel ({self.nv})" if self.velocities else "")
 
 
-def _probe_data(dataset, limit: int, state_map: StateMap, generator: np.random.Generator):
-    """Up to ``limit`` (frame, qpos/qvel) pairs from a split, uint8 (N, 3, h, w) and float (N, S)."""
+@dataclass
+class ObservationMap:
+    """Recorded episode -> chosen entries of the task's own observation vector at every frame
+    (e.g. reacher's finger-to-target vector, which depends on the target the episode's seed placed):
+    each recorded physics state is restored in ``env`` after a reset with the episode's env seed.
+    The labels of an episode are computed once and kept."""
+
+    env: Any
+    dims: list[int]
+    name: str
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def episode_labels(self, info, arrays) -> torch.Tensor:
+        key = str(info.path)
+        if key not in self._cache:
+            seed = info.meta.get("env_seed")
+            if seed is None:
+                raise UserError(
+                    f"{info.path} records no env_seed, so its task observation cannot be restored"
+                )
+            states = np.asarray(arrays["states"], np.float64)
+            self.env.restore(states[0], seed=int(seed), render=False)
+            rows = []
+            for state in states:
+                self.env.set_physics_state(state, render=False)
+                rows.append(self.env.native_obs()[self.dims])
+            self._cache[key] = torch.from_numpy(np.stack(rows).astype(np.float32))
+        return self._cache[key]
+
+    @property
+    def description(self) -> str:
+        return self.name
+
+
+def _probe_data(dataset, limit: int, state_map, generator: np.random.Generator):
+    """Up to ``limit`` (frame, label) pairs from a split, uint8 (N, 3, h, w) and float (N, S);
+    ``state_map`` (:class:`StateMap` or :class:`ObservationMap`) labels each episode's frames."""
     from selfflow_world.episodes import load_episode
 
     frames, states = [], []
     for info in dataset.episodes:
         arr = load_episode(info.path)
         frames.append(np.asarray(arr["frames"]))
-        states.append(state_map(arr["states"]).numpy())
+        states.append(state_map.episode_labels(info, arr).numpy())
     frames, states = np.concatenate(frames), np.concatenate(states)
     if len(frames) > limit:
         pick = np.sort(generator.choice(len(frames), limit, replace=False))
@@ -213,6 +253,9 @@ def imagined_probe_data(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(source), min(clips, len(source)), replace=False))
     gen = torch.Generator(wm.device).manual_seed(seed)
+    from selfflow_world.episodes import load_episode
+
+    by_index = {info.index: info for info in source.episodes}
     frames, states, h = [], [], wm.history
     for chunk in np.array_split(pick, max(1, math.ceil(len(pick) / 64))):
         items = [source[int(i)] for i in chunk]
@@ -222,7 +265,11 @@ def imagined_probe_data(
             clip[:, :h], acts[:, h:], context_actions=acts[:, :h], generator=gen, steps=steps
         )
         frames.append(((imagined.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).flatten(0, 1))
-        states.append(state_map(torch.stack([it["states"][h:] for it in items])).flatten(0, 1))
+        for it in items:
+            info = by_index[int(it["episode"])]
+            labels = state_map.episode_labels(info, load_episode(info.path, mmap=True))
+            first = int(it["start"]) + h
+            states.append(labels[first : first + horizon])
     return torch.cat(frames), torch.cat(states)
 
 

@@ -16,7 +16,10 @@ Tasks:
   image in the model's own feature space), ``pixels`` (pixel MSE) or ``state`` (distance between
   the joint positions a state probe reads off the imagined frame and off the goal image; the probe
   is a small conv net fitted on real frames and recorded states of a dataset, ``probe_data``).
-- ``reward``: the env's own return over a full episode; score: the reward heads' predicted return.
+- ``reward``: the env's own return over a full episode. Scores: ``target`` (default where the env
+  has a target, :data:`TARGET_VECTORS`: the distance between the finger and the target that a
+  probe reads off every imagined frame, summed over the horizon; a dense, learned stand-in for a
+  sparse reward) or ``reward`` (the reward heads' predicted return).
 
 Arms on the same starts: ``model`` (the world model), ``random`` (uniform random actions) and
 ``simulator`` (the same planner and score with the simulator as the model: each candidate replayed
@@ -43,8 +46,16 @@ from selfflow_world.errors import UserError, check_count, check_positive
 
 TASKS = ("goal", "reward")
 PLANNERS = ("cem", "mppi")
-SCORES = ("auto", "features", "pixels", "state", "reward")
+SCORES = ("auto", "features", "pixels", "state", "reward", "target")
+GOAL_SCORES, REWARD_SCORES = ("features", "pixels", "state"), ("reward", "target")
 ARMS = ("model", "random", "simulator")
+
+# envs with a target to reach, for the ``target`` score of the reward task: (entries of the task's
+# own observation vector that hold the vector from the effector to the target, what they are)
+TARGET_VECTORS: dict[str, tuple[list[int], str]] = {
+    "dmc/reacher-easy": ([2, 3], "finger-to-target vector (x, y)"),
+    "dmc/reacher-hard": ([2, 3], "finger-to-target vector (x, y)"),
+}
 
 # a small CEM search that plans a goal episode within about a minute on 2 CPU cores (32 candidates
 # x 5 steps x 2 iterations, two actions executed per plan), with the pixel score, which needs no
@@ -73,7 +84,7 @@ class PlanConfig:
     env: str | None = None  # default: the env the model was trained on
     planner: str = "cem"
     task: str = "goal"
-    score: str = "auto"  # goal: state (default), features or pixels; reward: reward
+    score: str = "auto"  # goal: state (default), features or pixels; reward: target (default) or reward
     pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
     probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
     probe_frames: int = 12000
@@ -92,6 +103,7 @@ class PlanConfig:
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
     execute: int = 2  # actions executed per plan
+    common_noise: bool = False  # every candidate imagined from the same sampler noise per step
     sampler_steps: int = 1
     goal_offset: int = 25
     budget: int = 50
@@ -111,14 +123,10 @@ class PlanConfig:
             raise UserError(f"planner must be one of {PLANNERS}, got {self.planner!r}")
         if self.score not in SCORES:
             raise UserError(f"score must be one of {SCORES}, got {self.score!r}")
-        if (
-            self.task == "goal"
-            and self.score == "reward"
-            or self.task == "reward"
-            and self.score in ("features", "pixels", "state")
-        ):
+        if self.score != "auto" and self.score not in (GOAL_SCORES if self.task == "goal" else REWARD_SCORES):
             raise UserError(
-                f"score={self.score} does not fit task={self.task} (goal: features|pixels|state, reward: reward)"
+                f"score={self.score} does not fit task={self.task} "
+                f"(goal: {'|'.join(GOAL_SCORES)}, reward: {'|'.join(REWARD_SCORES)})"
             )
         bad = [a for a in self.arms if a not in ARMS]
         if bad or not self.arms:
@@ -165,11 +173,14 @@ class PlanConfig:
         ):
             raise UserError(f"pixel_weight must be a number >= 0, got {self.pixel_weight!r}")
 
-    @property
-    def resolved_score(self) -> str:
+    def resolved_score(self, env_name: str) -> str:
+        """The score ``auto`` stands for in ``env_name``: goal: state; reward: target where the env
+        has one (:data:`TARGET_VECTORS`), else the reward heads."""
         if self.score != "auto":
             return self.score
-        return "state" if self.task == "goal" else "reward"
+        if self.task == "goal":
+            return "state"
+        return "target" if env_name in TARGET_VECTORS else "reward"
 
 
 # -- goal protocol ------------------------------------------------------------------------------------
@@ -299,6 +310,18 @@ class ProbeDistance:
         return (self.positions(frames) - self.goal).pow(2).sum(1).to(frames.device)
 
 
+class TargetDistance:
+    """Frames ``(N, C, H, W)`` -> the length ``(N,)`` of the effector-to-target vector a probe reads
+    off them (:data:`TARGET_VECTORS`): how far each frame is from earning the reward."""
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    @torch.no_grad()
+    def __call__(self, frames: Tensor) -> Tensor:
+        return self.probe(frames.to(self.probe.state_mean.device).float()).norm(dim=1).to(frames.device)
+
+
 class SumDistance:
     """The weighted sum ``sum_i w_i d_i(frames)`` of frame distances ``[(w_i, d_i), ...]``."""
 
@@ -313,7 +336,11 @@ class ModelScorer:
     """Scores action sequences by imagining them: ``begin`` at each replanning step, then call.
 
     ``goal``: the goal's features ``(L, D)`` (score ``features``); ``distance``: frames -> distance to
-    the goal (scores ``pixels`` and ``state``: :class:`PixelDistance`, :class:`ProbeDistance`)."""
+    the goal (scores ``pixels`` and ``state``: :class:`PixelDistance`, :class:`ProbeDistance`, read
+    at the end of the horizon) or to the target (score ``target``, :class:`TargetDistance`, summed
+    over every imagined frame, as the reward is). ``common_noise``: every candidate of a call is
+    imagined from the same sampler noise at each step, so scores differ by the actions alone and the
+    search does not favour candidates whose noise happened to imagine a better frame."""
 
     def __init__(
         self,
@@ -323,9 +350,10 @@ class ModelScorer:
         generator: torch.Generator,
         goal=None,
         distance=None,
+        common_noise: bool = False,
     ):
         self.wm, self.score, self.steps, self.generator = wm, score, sampler_steps, generator
-        self.goal, self.distance = goal, distance
+        self.goal, self.distance, self.common_noise = goal, distance, common_noise
         self.frames = 0
 
     def begin(self, context: np.ndarray, context_actions: np.ndarray) -> None:
@@ -339,37 +367,35 @@ class ModelScorer:
         n, horizon = actions.shape[:2]
         state = self.root.repeat(n)
         total = torch.zeros(n, device=actions.device)
+        cfg = self.wm.config
         kept = []
         for h in range(horizon):
             last = h == horizon - 1
-            if self.score == "reward":
-                out = self.wm.step(
-                    state,
-                    actions[:, h],
-                    normalized=True,
-                    steps=self.steps,
-                    generator=self.generator,
-                    rewards=True,
-                )
-                frame = out.frames
+            noise = None
+            if self.common_noise:  # one draw for every candidate: they differ by their actions only
+                gen = self.generator
+                shape = (1, cfg.channels, cfg.image_size, cfg.image_size)
+                noise = torch.randn(shape, generator=gen, device=gen.device if gen is not None else "cpu")
+            wants = {
+                "rewards": self.score == "reward",
+                "features": self.score == "features" and last,
+            }
+            out = self.wm.step(
+                state,
+                actions[:, h],
+                normalized=True,
+                steps=self.steps,
+                generator=self.generator,
+                noise=noise,
+                **{k: True for k, v in wants.items() if v},
+            )
+            frame = out.frames if any(wants.values()) else out
+            if wants["rewards"]:
                 total += out.reward.to(total.device)
-            elif self.score == "features" and last:
-                out = self.wm.step(
-                    state,
-                    actions[:, h],
-                    normalized=True,
-                    steps=self.steps,
-                    generator=self.generator,
-                    features=True,
-                )
-                frame = out.frames
+            elif wants["features"]:
                 total -= feature_distance(out.features, self.goal).to(total.device)
-            else:
-                frame = self.wm.step(
-                    state, actions[:, h], normalized=True, steps=self.steps, generator=self.generator
-                )
-                if self.distance is not None and last:
-                    total -= self.distance(frame).to(total.device)
+            elif self.distance is not None and (last or self.score == "target"):
+                total -= self.distance(frame).to(total.device)
             if keep:
                 kept.append(frame)
         self.frames += n * horizon
@@ -402,7 +428,7 @@ class SimulatorScorer:
         n, horizon = acts.shape[:2]
         history = self.context.shape[0]
         scores, clips, clip_actions = np.zeros(n), [], []
-        keep = 0 if self.score == "reward" else min(history + 1, horizon)  # frames the score reads
+        keep = {"reward": 0, "target": horizon}.get(self.score, min(history + 1, horizon))  # frames read
         for i in range(n):
             # a reset with the episode's seed restores its task randomisation (the target) and the
             # env's step count, then the physics state; only the frames the score reads are rendered
@@ -416,7 +442,10 @@ class SimulatorScorer:
                 if term:
                     break
             scores[i] = total
-            if self.score != "reward":
+            if self.score == "target":
+                frames += [frames[-1] if frames else self.env.render()] * (keep - len(frames))  # ended early
+                clips.append(np.stack(frames))
+            elif self.score != "reward":
                 frames += [frames[-1] if frames else self.env.render()] * (keep - len(frames))
                 seq = np.concatenate([self.context, np.stack(frames)])[-(history + 1) :]
                 clips.append(seq)
@@ -426,26 +455,33 @@ class SimulatorScorer:
         if self.score == "reward":
             return torch.as_tensor(scores, dtype=torch.float32, device=actions.device)
         clips_t = to_float(np.stack(clips))
+        if self.score == "target":  # (N, horizon, C, H, W): distance summed over the frames
+            return -self.distance(clips_t.flatten(0, 1)).view(n, horizon).sum(1).to(actions.device)
         if self.distance is not None:
             return -self.distance(clips_t[:, -1]).to(actions.device)
         feats = self.wm.clip_features(clips_t, np.stack(clip_actions))
         return -feature_distance(feats, self.goal).to(actions.device)
 
 
-PROBE_FILE, PROBE_META = "state_probe.safetensors", "state_probe.json"  # beside a model's weights
+# the probes a plan reads frames with, stored beside a model's weights: (weights, json) per score
+PROBE_FILES: dict[str, tuple[str, str]] = {
+    "state": ("state_probe.safetensors", "state_probe.json"),
+    "target": ("target_probe.safetensors", "target_probe.json"),
+}
 
 
-def ship_probe(kept: str | Path, model_dir: str | Path) -> None:
-    """Store the probe a plan fitted and kept (``out/state_probe.pt``) beside a model's weights in
-    ``model_dir`` (``state_probe.safetensors`` and ``state_probe.json``), so ``score=state`` with
-    that model needs no dataset: the goal probe shipped with a model."""
+def ship_probe(kept: str | Path, model_dir: str | Path, score: str = "state") -> None:
+    """Store the probe a plan fitted and kept (``out/<score>_probe.pt``) beside a model's weights in
+    ``model_dir`` (:data:`PROBE_FILES`), so planning with that score and model needs no dataset:
+    the probe shipped with a model."""
     from safetensors.torch import save_file
 
     saved = torch.load(kept, map_location="cpu", weights_only=True)
     model_dir = Path(model_dir)
-    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(model_dir / PROBE_FILE))
+    weights, meta_name = PROBE_FILES[score]
+    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(model_dir / weights))
     meta = {k: saved[k] for k in ("image_size", "state_dim", "width", "report", "fitted_from")}
-    (model_dir / PROBE_META).write_text(json.dumps(meta, indent=2))
+    (model_dir / meta_name).write_text(json.dumps(meta, indent=2))
 
 
 def _probe_from(meta: dict, weights: dict):
@@ -457,8 +493,8 @@ def _probe_from(meta: dict, weights: dict):
     return probe.eval()
 
 
-def shipped_probe_dir(wm) -> Path | None:
-    """The checkpoint directory of ``wm`` if a goal probe is stored beside its weights
+def shipped_probe_dir(wm, score: str = "state") -> Path | None:
+    """The checkpoint directory of ``wm`` if the probe of ``score`` is stored beside its weights
     (:func:`ship_probe`), else None; reads no weights."""
     from selfflow_world.checkpoint import resolve_checkpoint
 
@@ -466,37 +502,51 @@ def shipped_probe_dir(wm) -> Path | None:
         ckpt = resolve_checkpoint(wm.source)
     except UserError:  # a model built in memory
         return None
-    return ckpt if (ckpt / PROBE_FILE).is_file() and (ckpt / PROBE_META).is_file() else None
+    return ckpt if all((ckpt / name).is_file() for name in PROBE_FILES[score]) else None
 
 
-def shipped_probe(wm):
-    """The probe stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
+def shipped_probe(wm, score: str = "state"):
+    """The probe of ``score`` stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
     from safetensors.torch import load_file
 
-    ckpt = shipped_probe_dir(wm)
+    ckpt = shipped_probe_dir(wm, score)
     if ckpt is None:
         return None
-    meta = json.loads((ckpt / PROBE_META).read_text())
-    return _probe_from(meta, load_file(str(ckpt / PROBE_FILE))), meta
+    weights, meta_name = PROBE_FILES[score]
+    meta = json.loads((ckpt / meta_name).read_text())
+    return _probe_from(meta, load_file(str(ckpt / weights))), meta
 
 
-def goal_probe(cfg: PlanConfig, wm, env, out: Path):
-    """The state probe of the ``state`` score. Without ``cfg.probe_data``, the probe shipped with the
-    model if it has one (:func:`ship_probe`); otherwise fitted on the real frames (and, with
-    ``probe_imagined``, the imagined ones) of ``cfg.probe_data`` (default: the dataset the model was
-    trained on) and kept in ``out/state_probe.pt``, which a rerun with ``resume`` loads. Returns the
-    probe (on the model's device) and what the report says of it."""
-    from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits, train_state_probe
+def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
+    """The probe of the ``state`` score (joint positions) or the ``target`` score (the
+    effector-to-target vector, :data:`TARGET_VECTORS`). Without ``cfg.probe_data``, the probe
+    shipped with the model if it has one (:func:`ship_probe`); otherwise fitted on the real frames
+    (and, with ``probe_imagined``, the imagined ones) of ``cfg.probe_data`` (default: the dataset
+    the model was trained on) and kept in ``out/<score>_probe.pt``, which a rerun with ``resume``
+    loads. Returns the probe (on the model's device) and what the report says of it."""
+    from selfflow_world.evaluate import (
+        ObservationMap,
+        StateMap,
+        imagined_probe_data,
+        probe_splits,
+        train_state_probe,
+    )
 
     if not cfg.probe_data:
-        found = shipped_probe(wm)
+        found = shipped_probe(wm, score)
         if found is not None:
             probe, meta = found
             return probe.to(wm.device), {**meta["report"], "shipped_with_model": True}
 
-    # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
-    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
-    path = out / "state_probe.pt"
+    if score == "state":
+        # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
+        labels = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
+    else:
+        if env.name not in TARGET_VECTORS:
+            raise UserError(f"score=target is defined for {sorted(TARGET_VECTORS)}; got env {env.name}")
+        dims, name = TARGET_VECTORS[env.name]
+        labels = ObservationMap(env, dims, name)
+    path = out / f"{score}_probe.pt"
     root = cfg.probe_data or wm.meta.get("config", {}).get("data", "")
     fitted_from = {
         "data": str(root),
@@ -519,21 +569,22 @@ def goal_probe(cfg: PlanConfig, wm, env, out: Path):
             else f"the model's training data ({root or 'not recorded'}) is not here"
         )
         raise UserError(
-            f"score=state fits a state probe on the recorded frames and states of a dataset, but {where}: "
+            f"score={score} fits a probe on the recorded frames and states of a dataset, but {where}: "
             f"pass probe_data=DIR, a dataset of {env.name} (e.g. sfw collect env={env.name} episodes=50 out=DIR)"
         )
     train_set, val_set = probe_splits(wm, root)
     extra = None
     if cfg.probe_imagined:  # the model's own imagined frames, as the score will read them
         extra = imagined_probe_data(
-            wm, train_set, cfg.probe_imagined, cfg.horizon, state_map, cfg.seed, cfg.sampler_steps
+            wm, train_set, cfg.probe_imagined, cfg.horizon, labels, cfg.seed, cfg.sampler_steps
         )
     probe, metrics = train_state_probe(
-        train_set, val_set, state_map, cfg.probe_frames, cfg.probe_epochs, cfg.seed, extra
+        train_set, val_set, labels, cfg.probe_frames, cfg.probe_epochs, cfg.seed, extra
     )
     report = {
+        "score": score,
         "data": str(root),
-        "state_dims": state_map.description,
+        "state_dims": labels.description,
         "floor_rmse": metrics["rmse"],
         "floor_rmse_overall": metrics["rmse_overall"],
         "imagined_clips": cfg.probe_imagined,
@@ -612,7 +663,7 @@ def control(
     low, high = env.action_space.low, env.action_space.high
     total, done, plans, plan_time, imagined_frames = 0.0, False, 0, 0.0, 0
     mean, queue, imagined_queue, real_video, model_video = None, [], [], [], []
-    taken = 0
+    taken, first_reward, after_first = 0, None, 0.0
     while taken < steps:
         taken += 1
         if arm == "random":
@@ -641,6 +692,10 @@ def control(
             action = queue.pop(0)
         obs, reward, term, trunc, _ = env.step(action)
         total += reward
+        if first_reward is None and reward > 0:
+            first_reward = taken
+        if first_reward is not None:
+            after_first += reward
         frames.append(obs)
         acts.append(np.asarray(action, np.float32))
         if video:
@@ -655,6 +710,11 @@ def control(
         "return": float(total),
         "steps": int(taken),
         "reached": bool(done),
+        "first_reward_step": first_reward,  # agent step (1-based) of the first positive reward
+        # mean reward per agent step from the first positive reward on: how well it holds the target
+        "reward_per_step_after_first": (
+            after_first / (taken - first_reward + 1) if first_reward is not None else None
+        ),
         "plans": plans,
         "seconds_per_plan": plan_time / plans if plans else 0.0,
         "imagined_frames_per_plan": imagined_frames / plans if plans else 0.0,
@@ -694,7 +754,7 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
         raise UserError("env= is required: the checkpoint does not say which env it was trained on")
     if trained_env and env_name != trained_env:
         warnings.warn(f"planning in {env_name} with a model trained on {trained_env}", stacklevel=2)
-    score = cfg.resolved_score
+    score = cfg.resolved_score(env_name)
     if score == "reward" and wm.heads is None:
         raise UserError(missing_heads_message(cfg.ckpt))
     render = wm.meta.get("render", {})
@@ -713,8 +773,8 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     (out / "episodes").mkdir(parents=True, exist_ok=True)
     history = wm.history
     probe = probe_report = None
-    if score == "state" and set(cfg.arms) != {"random"}:
-        probe, probe_report = goal_probe(cfg, wm, env, out)
+    if score in PROBE_FILES and set(cfg.arms) != {"random"}:
+        probe, probe_report = plan_probe(cfg, wm, env, out, score)
     gen = torch.Generator(wm.device).manual_seed(cfg.seed)
     results: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
     starts = _starts(cfg, env, history)
@@ -738,6 +798,8 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                     bar.update()
                 continue
             goal = distance = stop = None
+            if score == "target":
+                distance = TargetDistance(probe)
             if cfg.task == "goal":
                 stop = lambda s, g=start.goal: reached(env_name, s, g, cfg.tolerance)  # noqa: E731
             if cfg.task == "goal" and arm != "random":
@@ -753,7 +815,7 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
                         distance = SumDistance([(1.0, distance), (cfg.pixel_weight, pixels)])
             scorer = None  # random actions need none
             if arm == "model":
-                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, distance)
+                scorer = ModelScorer(wm, score, cfg.sampler_steps, gen, goal, distance, cfg.common_noise)
             elif arm == "simulator":
                 scorer = SimulatorScorer(sim_env, wm, score, goal, distance)
             steps = cfg.budget if cfg.task == "goal" else cfg.reward_steps or 10**9
@@ -870,12 +932,22 @@ def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) ->
         else:
             mean, lo, hi = mean_ci([r["return"] for r in rows])
             entry.update(return_mean=mean, return_low=lo, return_high=hi)
+            firsts = [r.get("first_reward_step") for r in rows if r.get("first_reward_step") is not None]
+            held = [
+                r["reward_per_step_after_first"]
+                for r in rows
+                if r.get("reward_per_step_after_first") is not None
+            ]
+            entry.update(
+                first_reward_step=float(np.mean(firsts)) if firsts else None,
+                reward_per_step_after_first=float(np.mean(held)) if held else None,
+            )
         if arm != "random":
             entry["seconds_per_plan"] = float(np.mean([r["seconds_per_plan"] for r in rows]))
             entry["imagined_frames_per_plan"] = float(np.mean([r["imagined_frames_per_plan"] for r in rows]))
         arms[arm] = entry
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "device")}
-    score = cfg.resolved_score
+    score = cfg.resolved_score(env_name)
     if score == "pixels" and list(cfg.pixel_blur) != [0]:
         score += f" blurred by {list(cfg.pixel_blur)}"
     if score == "state" and cfg.pixel_weight > 0:
@@ -927,12 +999,17 @@ def plan_markdown(report: dict) -> str:
             )
     else:
         lines += [
-            "| arm | episodes | return | 95% CI | s per plan | imagined frames per plan |",
-            "|---|---|---|---|---|---|",
+            "| arm | episodes | return | 95% CI | first reward (agent step) | reward per step after it | s per plan | imagined frames per plan |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+
+        def maybe(value, digits: int) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
         for arm, e in report["arms"].items():
             lines.append(
                 f"| {arm} | {e['episodes']} | {e['return_mean']:.1f} | [{e['return_low']:.1f}, {e['return_high']:.1f}] | "
+                f"{maybe(e.get('first_reward_step'), 0)} | {maybe(e.get('reward_per_step_after_first'), 2)} | "
                 f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
             )
     if "state_probe" in report:
@@ -940,7 +1017,7 @@ def plan_markdown(report: dict) -> str:
         rmse = ", ".join(f"{v:.3f}" for v in sp["floor_rmse"])
         lines += [
             "",
-            f"State probe (score state{', shipped with the model' if sp.get('shipped_with_model') else ''}): "
+            f"Probe (score {sp.get('score', 'state')}{', shipped with the model' if sp.get('shipped_with_model') else ''}): "
             f"fitted on the real frames of {sp['data']}"
             f"{' and the imagined frames of ' + str(sp['imagined_clips']) + ' clips' if sp.get('imagined_clips') else ''}, "
             f"reading {sp['state_dims']}; its held-out RMSE per dim on real frames: {rmse}.",

@@ -65,7 +65,7 @@ def model_dir(name: str) -> Path:
 def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     """Write a shipped-model directory ``dest`` from training checkpoint ``ckpt``: its EMA weights
     in bf16, its meta.json (without per-run paths), its reward heads if it has them
-    (``heads.safetensors`` / ``heads.json``), its goal probe if it has one (``state_probe.*``,
+    (``heads.safetensors`` / ``heads.json``), its planning probes if it has them (``state_probe.*``, ``target_probe.*``,
     :func:`selfflow_world.plan.ship_probe`) and ``card`` as MODEL_CARD.md. Written to a
     temporary directory and renamed, so ``dest`` is never half-written. Returns ``dest``."""
     from selfflow_world.checkpoint import read_meta, resolve_checkpoint
@@ -85,9 +85,9 @@ def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(ema, str(tmp / "weights.safetensors"))
-    from selfflow_world.plan import PROBE_FILE, PROBE_META
+    from selfflow_world.plan import PROBE_FILES
 
-    for name in (HEADS_FILE, HEADS_META, PROBE_FILE, PROBE_META):
+    for name in (HEADS_FILE, HEADS_META, *(n for pair in PROBE_FILES.values() for n in pair)):
         if (src / name).is_file():
             shutil.copy2(src / name, tmp / name)
     meta = {k: v for k, v in meta.items() if k not in ("dataset",)}

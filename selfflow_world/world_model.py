@@ -316,6 +316,7 @@ class WorldModel:
         features: bool | int = False,
         rewards: bool = False,
         normalized: bool = False,
+        noise: Tensor | None = None,
     ) -> Tensor | np.ndarray | Step:
         """Imagine the next frame of every rollout in ``state`` under ``actions (B, A)``, in place.
 
@@ -323,8 +324,10 @@ class WorldModel:
         ``features``: also return the model's features of the new frames, the hidden state of block
         :attr:`feature_layer` (or of the block given as an int) per token, float32 ``(B, L, D)``.
         ``rewards``: also the reward and termination probability the heads predict (needs heads:
-        ``sfw heads``). Returns the frames ``(B, ...)`` in the layout of the context given to
-        :meth:`start`, or a :class:`Step` when features or rewards are asked for.
+        ``sfw heads``). ``noise``: the sampler's starting noise ``(B, C, H, W)`` (or ``(1, C, H, W)``,
+        shared by every row, as planners compare candidates under common noise); drawn from
+        ``generator`` when omitted. Returns the frames ``(B, ...)`` in the layout of the context
+        given to :meth:`start`, or a :class:`Step` when features or rewards are asked for.
         """
         acts = self._actions_in(actions, state.batch, "actions", normalized=normalized, steps=False)
         if rewards and self.heads is None:
@@ -338,7 +341,14 @@ class WorldModel:
             layer = self.heads_meta["layer"]
         if layer is not None and not 1 <= layer <= self.config.depth:
             raise UserError(f"features must name a block in [1, {self.config.depth}], got {layer}")
-        out = self._step_normalized(state, acts, steps, method, generator, layer)
+        if noise is not None:
+            shape = (self.config.channels, self.config.image_size, self.config.image_size)
+            if noise.ndim != 4 or tuple(noise.shape[1:]) != shape or noise.shape[0] not in (1, state.batch):
+                raise UserError(
+                    f"noise must be (B={state.batch} or 1, {shape[0]}, {shape[1]}, {shape[2]}), got {tuple(noise.shape)}"
+                )
+            noise = noise.to(self.device).expand(state.batch, *shape)
+        out = self._step_normalized(state, acts, steps, method, generator, layer, noise)
         frame, feats = out if layer is not None else (out, None)
         frame = self._frames_out(frame[:, None].float(), state.layout)[:, 0]
         if layer is None:
@@ -348,7 +358,7 @@ class WorldModel:
             reward, termination = self.heads(feats)
         return Step(frame, feats.float() if features is not False else None, reward, termination)
 
-    def _step_normalized(self, state, acts, steps, method, generator, layer):
+    def _step_normalized(self, state, acts, steps, method, generator, layer, noise=None):
         steps = self.sampler_steps if steps is None else steps
         if not 1 <= steps <= 50:
             raise UserError(f"steps must be in [1, 50], got {steps}")
@@ -356,7 +366,14 @@ class WorldModel:
             raise UserError(f"method must be one of {METHODS}, got {method!r}")
         with self._precision():
             return rollouts.advance(
-                self.model, state.state, acts, steps=steps, method=method, generator=generator, features=layer
+                self.model,
+                state.state,
+                acts,
+                steps=steps,
+                method=method,
+                generator=generator,
+                noise=noise,
+                features=layer,
             )
 
     @torch.no_grad()

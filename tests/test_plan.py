@@ -15,6 +15,7 @@ from selfflow_world.plan import (
     PlanConfig,
     ProbeDistance,
     SumDistance,
+    TargetDistance,
     box_blur,
     feature_distance,
     joint_distance,
@@ -187,7 +188,7 @@ def test_state_score_fits_the_probe_once_and_plans_with_it(tiny_run, tiny_datase
     assert report["state_probe"]["data"] == str(tiny_dataset)
     assert "sin and cos" in report["state_probe"]["state_dims"]
     assert "qvel" not in report["state_probe"]["state_dims"]  # positions only
-    assert "State probe (score state)" in (out / "report.md").read_text()
+    assert "Probe (score state)" in (out / "report.md").read_text()
     saved = (out / "state_probe.pt").read_bytes()
     (out / "episodes" / "model_0000.json").unlink()
     again = run_plan(cfg, progress=False)  # the kept probe is loaded, not fitted again
@@ -265,6 +266,7 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
     cfg = PlanConfig(
         ckpt=str(run),
         task="reward",
+        score="reward",
         out=str(tmp_path / "p"),
         episodes=1,
         reward_steps=3,
@@ -295,6 +297,7 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"planner": "grid"}, "planner must be one of"),
         ({"task": "reward", "score": "pixels"}, "does not fit"),
         ({"task": "reward", "score": "state"}, "does not fit"),
+        ({"task": "goal", "score": "target"}, "does not fit"),
         ({"probe_epochs": 0}, "probe_epochs must be a positive integer"),
         ({"pixel_weight": -1.0}, "pixel_weight must be a number >= 0"),
         ({"probe_imagined": -3}, "probe_imagined must be an integer >= 0"),
@@ -333,3 +336,136 @@ def test_env_with_other_actions_is_refused_and_other_env_warns(tiny_run, tmp_pat
             ),
             progress=False,
         )
+
+
+def test_observation_labels_are_the_finger_to_target_vector_of_each_recorded_frame(tiny_dataset):
+    from selfflow_world.clips import ClipDataset
+    from selfflow_world.envs import make
+    from selfflow_world.episodes import load_episode
+    from selfflow_world.evaluate import ObservationMap
+
+    env, check = make("dmc/reacher-easy", size=16), make("dmc/reacher-easy", size=16)
+    labels = ObservationMap(env, [2, 3], "finger-to-target vector (x, y)")
+    targets = []
+    for info in ClipDataset(tiny_dataset, split="all").episodes:
+        arrays = load_episode(info.path)
+        got = labels.episode_labels(info, arrays)
+        assert got.shape == (info.steps + 1, 2)
+        physics = check._backend.env.physics
+        check.reset(seed=info.meta["env_seed"])  # the episode's target placement
+        for k in (0, info.steps // 2, info.steps):
+            check.set_physics_state(arrays["states"][k], render=False)
+            xpos = physics.named.data.geom_xpos
+            expected = xpos["target"][:2] - xpos["finger"][:2]
+            assert np.allclose(got[k].numpy(), expected, atol=1e-6)
+        targets.append(float(physics.named.data.geom_xpos["target"][0]))
+        assert labels.episode_labels(info, arrays) is got  # computed once per episode
+    assert len(set(targets)) == len(targets)  # each episode's seed placed its own target
+
+
+def test_target_distance_is_the_length_of_the_probed_vector():
+    class _VectorProbe(torch.nn.Module):
+        state_mean = torch.zeros(2)
+
+        def forward(self, frames):
+            return frames[:, 0, 0, :2]
+
+    frames = torch.zeros(2, 3, 4, 4)
+    frames[0, 0, 0, :2] = torch.tensor([3.0, 4.0])
+    assert torch.allclose(TargetDistance(_VectorProbe())(frames), torch.tensor([5.0, 0.0]))
+
+
+def test_target_score_sums_over_the_horizon_and_goal_scores_read_its_end(tiny_run):
+    from selfflow_world.plan import ModelScorer
+    from selfflow_world.world_model import WorldModel
+
+    wm = WorldModel.load(str(tiny_run))
+    context = np.zeros((wm.history, 16, 16, 3), np.uint8)
+    actions = torch.zeros(3, 4, 2)
+    for score, expected in (("target", -4.0), ("state", -1.0)):
+        scorer = ModelScorer(
+            wm, score, 1, torch.Generator().manual_seed(0), distance=lambda f: torch.ones(len(f))
+        )
+        scorer.begin(context, np.zeros((wm.history, 2), np.float32))
+        assert torch.allclose(scorer(actions), torch.full((3,), expected))
+
+
+def test_reward_task_plans_with_a_target_probe_fitted_then_shipped(tiny_run, tiny_dataset, tmp_path):
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.plan import ship_probe
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(tiny_run), ckpt)
+    cfg = PlanConfig(
+        ckpt=str(ckpt),
+        task="reward",  # score auto: target, as reacher has one
+        out=str(tmp_path / "fit"),
+        episodes=1,
+        reward_steps=3,
+        horizon=2,
+        population=4,
+        iterations=1,
+        elites=2,
+        videos=0,
+        arms=["model", "simulator"],
+        probe_frames=120,
+        probe_epochs=1,
+        probe_imagined=2,
+    )
+    report = run_plan(cfg, progress=False)
+    assert report["score"] == "target"
+    assert report["state_probe"]["score"] == "target"
+    assert report["state_probe"]["state_dims"] == "finger-to-target vector (x, y)"
+    assert report["arms"]["simulator"]["episodes"] == 1 and "return_mean" in report["arms"]["model"]
+    assert "Probe (score target)" in (tmp_path / "fit" / "report.md").read_text()
+    ship_probe(tmp_path / "fit" / "target_probe.pt", ckpt, score="target")
+    assert (ckpt / "target_probe.safetensors").is_file() and not (ckpt / "state_probe.json").exists()
+    shipped = run_plan(PlanConfig(**{**cfg.__dict__, "out": str(tmp_path / "shipped")}), progress=False)
+    assert shipped["state_probe"]["shipped_with_model"]
+    assert not (tmp_path / "shipped" / "target_probe.pt").exists()  # nothing fitted
+
+
+def test_common_noise_gives_every_candidate_one_draw_per_step(tiny_run):
+    from selfflow_world.plan import ModelScorer, PixelDistance
+    from selfflow_world.world_model import WorldModel
+
+    wm = WorldModel.load(str(tiny_run))
+    seen = []
+    step = wm.step
+
+    def spy(state, actions, **kwargs):
+        seen.append(kwargs.get("noise"))
+        return step(state, actions, **kwargs)
+
+    wm.step = spy
+    context = np.zeros((wm.history, 16, 16, 3), np.uint8)
+    distance = PixelDistance(torch.zeros(3, 16, 16))
+    for common in (False, True):
+        seen.clear()
+        scorer = ModelScorer(
+            wm, "pixels", 1, torch.Generator().manual_seed(0), distance=distance, common_noise=common
+        )
+        scorer.begin(context, np.zeros((wm.history, 2), np.float32))
+        scorer(torch.zeros(4, 2, 2))
+        if common:
+            assert [tuple(n.shape) for n in seen] == [(1, 3, 16, 16)] * 2 and not torch.equal(*seen)
+        else:
+            assert seen == [None, None]  # each row draws its own noise
+
+
+def test_step_with_given_noise_is_the_step_that_draws_it(tiny_run):
+    from selfflow_world.world_model import WorldModel
+
+    wm = WorldModel.load(str(tiny_run))
+    context = torch.zeros(3, wm.history, 3, 16, 16)
+    actions = torch.full((3, 2), 0.3)
+    noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    drawn = wm.step(wm.start(context), actions, generator=torch.Generator().manual_seed(5), steps=2)
+    given = wm.step(wm.start(context), actions, noise=noise, steps=2)
+    assert torch.equal(drawn, given)
+    shared = wm.step(wm.start(context), actions, noise=noise[:1], steps=2)
+    assert torch.equal(
+        shared, wm.step(wm.start(context), actions, noise=noise[:1].repeat(3, 1, 1, 1), steps=2)
+    )
+    with pytest.raises(UserError, match="noise must be"):
+        wm.step(wm.start(context), actions, noise=noise[:2])
