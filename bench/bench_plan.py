@@ -32,6 +32,7 @@ def main() -> None:
     )
     p.add_argument("--planner", default="cem")
     p.add_argument("--task", default="goal", choices=["goal", "reward"])
+    p.add_argument("--temperature", type=float, default=0.1, help="MPPI: softmax temperature, score units")
     p.add_argument("--score", default="state", help="goal: state|pixels|features; reward: target|reward")
     p.add_argument(
         "--pixel-blur",
@@ -78,7 +79,13 @@ def main() -> None:
     print(f"| setting (pop x horizon x iters) | arm | frames per plan | s per plan | {outcome} | 95% CI |")
     print("|---|---|---|---|---|---|")
     blur = [int(v) for v in args.pixel_blur.split(",")]
-    tag = ("" if args.task == "goal" else "reward-") + args.score
+    tag = (
+        ("" if args.planner == "cem" else f"{args.planner}-")
+        + ("" if args.task == "goal" else "reward-")
+        + args.score
+    )
+    if args.planner == "mppi" and args.temperature != 0.1:
+        tag += f"-temp{args.temperature:g}"
     tag = tag if blur == [0] else f"{tag}-blur{'-'.join(map(str, blur))}"
     if args.score == "state" and args.pixel_weight:
         tag += f"-px{args.pixel_weight:g}"
@@ -107,6 +114,7 @@ def main() -> None:
             sampler_steps=args.sampler_steps,
             execute=args.execute,
             common_noise=args.common_noise,
+            temperature=args.temperature,
             videos=0,
         )
         report = run_plan(cfg, wm=wm, progress=False)

@@ -961,6 +961,12 @@ def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) ->
     }
 
 
+def _interval(entry: dict) -> str:
+    """The return's 95 % interval as text ("n/a" from one episode, which gives none)."""
+    low, high = entry["return_low"], entry["return_high"]
+    return "[n/a]" if math.isnan(low) or math.isnan(high) else f"[{low:.1f}, {high:.1f}]"
+
+
 def plan_summary(report: dict) -> str:
     lines = [
         f"{report['task']} planning in {report['env']} ({report['settings']['planner']}, score {report['score']}):"
@@ -969,7 +975,7 @@ def plan_summary(report: dict) -> str:
         if report["task"] == "goal":
             text = f"success {e['success']:.0%} [{e['success_low']:.0%}, {e['success_high']:.0%}] ({e['successes']}/{e['episodes']})"
         else:
-            text = f"return {e['return_mean']:.1f} [{e['return_low']:.1f}, {e['return_high']:.1f}] over {e['episodes']}"
+            text = f"return {e['return_mean']:.1f} {_interval(e)} over {e['episodes']}"
         if "seconds_per_plan" in e:
             text += f", {e['seconds_per_plan']:.2f} s per plan"
         lines.append(f"  {arm:<10} {text}")
@@ -1008,7 +1014,7 @@ def plan_markdown(report: dict) -> str:
 
         for arm, e in report["arms"].items():
             lines.append(
-                f"| {arm} | {e['episodes']} | {e['return_mean']:.1f} | [{e['return_low']:.1f}, {e['return_high']:.1f}] | "
+                f"| {arm} | {e['episodes']} | {e['return_mean']:.1f} | {_interval(e)} | "
                 f"{maybe(e.get('first_reward_step'), 0)} | {maybe(e.get('reward_per_step_after_first'), 2)} | "
                 f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
             )
