@@ -242,6 +242,7 @@ def imagined_probe_data(
     A probe fitted on real frames only misreads imagined ones, which are blurrier; with these among
     its training frames it learns what an imagined frame says about the state."""
     from selfflow_world.clips import ClipDataset, ClipSpec
+    from selfflow_world.episodes import load_episode
 
     spec = ClipSpec(
         history=wm.history,
@@ -253,9 +254,15 @@ def imagined_probe_data(
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(source), min(clips, len(source)), replace=False))
     gen = torch.Generator(wm.device).manual_seed(seed)
-    from selfflow_world.episodes import load_episode
-
     by_index = {info.index: info for info in source.episodes}
+    labels: dict[int, torch.Tensor] = {}  # per episode, read once however many clips it gives
+
+    def episode_labels(index: int) -> torch.Tensor:
+        if index not in labels:
+            info = by_index[index]
+            labels[index] = state_map.episode_labels(info, load_episode(info.path, mmap=True))
+        return labels[index]
+
     frames, states, h = [], [], wm.history
     for chunk in np.array_split(pick, max(1, math.ceil(len(pick) / 64))):
         items = [source[int(i)] for i in chunk]
@@ -266,10 +273,8 @@ def imagined_probe_data(
         )
         frames.append(((imagined.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).flatten(0, 1))
         for it in items:
-            info = by_index[int(it["episode"])]
-            labels = state_map.episode_labels(info, load_episode(info.path, mmap=True))
             first = int(it["start"]) + h
-            states.append(labels[first : first + horizon])
+            states.append(episode_labels(int(it["episode"]))[first : first + horizon])
     return torch.cat(frames), torch.cat(states)
 
 

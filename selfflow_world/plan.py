@@ -376,10 +376,7 @@ class ModelScorer:
                 gen = self.generator
                 shape = (1, cfg.channels, cfg.image_size, cfg.image_size)
                 noise = torch.randn(shape, generator=gen, device=gen.device if gen is not None else "cpu")
-            wants = {
-                "rewards": self.score == "reward",
-                "features": self.score == "features" and last,
-            }
+            rewards, features = self.score == "reward", self.score == "features" and last
             out = self.wm.step(
                 state,
                 actions[:, h],
@@ -387,12 +384,13 @@ class ModelScorer:
                 steps=self.steps,
                 generator=self.generator,
                 noise=noise,
-                **{k: True for k, v in wants.items() if v},
+                rewards=rewards,
+                features=features,
             )
-            frame = out.frames if any(wants.values()) else out
-            if wants["rewards"]:
+            frame = out.frames if rewards or features else out
+            if rewards:
                 total += out.reward.to(total.device)
-            elif wants["features"]:
+            elif features:
                 total -= feature_distance(out.features, self.goal).to(total.device)
             elif self.distance is not None and (last or self.score == "target"):
                 total -= self.distance(frame).to(total.device)

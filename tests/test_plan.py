@@ -257,26 +257,20 @@ def test_imagined_probe_frames_are_the_models_rollouts_paired_with_recorded_stat
     assert imagined_probe_data(wm, train_set, 4, 3, state_map, seed=0)[0].shape[0] == 12
 
 
+def _tiny_reward_plan(ckpt, out, **overrides) -> PlanConfig:
+    """A one-episode, three-step reward plan with a tiny search."""
+    settings = dict(task="reward", episodes=1, reward_steps=3, horizon=2, population=4, iterations=1)
+    settings.update(elites=2, videos=0)
+    return PlanConfig(ckpt=str(ckpt), out=str(out), **{**settings, **overrides})
+
+
 def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_path):
     from selfflow_world.checkpoint import resolve_checkpoint
     from selfflow_world.heads import HeadsConfig, fit_heads
 
     run = tmp_path / "run"
     shutil.copytree(resolve_checkpoint(tiny_run), run / "checkpoints" / "step_00000003")
-    cfg = PlanConfig(
-        ckpt=str(run),
-        task="reward",
-        score="reward",
-        out=str(tmp_path / "p"),
-        episodes=1,
-        reward_steps=3,
-        horizon=2,
-        population=4,
-        iterations=1,
-        elites=2,
-        videos=0,
-        arms=["model", "random"],
-    )
+    cfg = _tiny_reward_plan(run, tmp_path / "p", score="reward", arms=["model", "random"])
     with pytest.raises(UserError, match="sfw heads ckpt="):
         run_plan(cfg, progress=False)
     fit_heads(
@@ -396,17 +390,9 @@ def test_reward_task_plans_with_a_target_probe_fitted_then_shipped(tiny_run, tin
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(resolve_checkpoint(tiny_run), ckpt)
-    cfg = PlanConfig(
-        ckpt=str(ckpt),
-        task="reward",  # score auto: target, as reacher has one
-        out=str(tmp_path / "fit"),
-        episodes=1,
-        reward_steps=3,
-        horizon=2,
-        population=4,
-        iterations=1,
-        elites=2,
-        videos=0,
+    cfg = _tiny_reward_plan(  # score auto: target, as reacher has one
+        ckpt,
+        tmp_path / "fit",
         arms=["model", "simulator"],
         probe_frames=120,
         probe_epochs=1,
