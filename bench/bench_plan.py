@@ -54,6 +54,12 @@ def main() -> None:
     p.add_argument("--arms", default="model", help="comma-separated: model, random, simulator")
     p.add_argument("--sampler-steps", type=int, default=1)
     p.add_argument("--execute", type=int, default=2, help="actions executed per plan before replanning")
+    p.add_argument(
+        "--act",
+        default="best",
+        choices=["best", "mean"],
+        help="CEM: execute the best sequence or the elite mean",
+    )
     p.add_argument("--common-noise", action="store_true", help="every candidate from the same sampler noise")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_plan")
@@ -74,6 +80,7 @@ def main() -> None:
         f"{f', pixel weight {args.pixel_weight:g}, probe_imagined {args.probe_imagined}' if args.score == 'state' else ''}"
         f"), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
         f"{args.execute} action(s) per plan{', common noise' if args.common_noise else ''}"
+        f"{', executes the elite mean' if args.act == 'mean' else ''}"
     )
     outcome = "success" if args.task == "goal" else "return"
     print(f"| setting (pop x horizon x iters) | arm | frames per plan | s per plan | {outcome} | 95% CI |")
@@ -104,7 +111,8 @@ def main() -> None:
             probe_imagined=args.probe_imagined,
             episodes=args.episodes,
             out=os.path.join(
-                args.out, f"{tag}_{setting}_x{args.execute}{'_cn' if args.common_noise else ''}"
+                args.out,
+                f"{tag}_{setting}_x{args.execute}{'_cn' if args.common_noise else ''}{'_mean' if args.act == 'mean' else ''}",
             ),
             arms=args.arms.split(","),
             population=population,
@@ -113,6 +121,7 @@ def main() -> None:
             elites=max(2, population // 8),
             sampler_steps=args.sampler_steps,
             execute=args.execute,
+            act=args.act,
             common_noise=args.common_noise,
             temperature=args.temperature,
             videos=0,

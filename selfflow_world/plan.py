@@ -46,6 +46,7 @@ from selfflow_world.errors import UserError, check_count, check_positive
 
 TASKS = ("goal", "reward")
 PLANNERS = ("cem", "mppi")
+ACTS = ("best", "mean")  # CEM: execute the best sequence scored, or the final (elite) mean
 SCORES = ("auto", "features", "pixels", "state", "reward", "target")
 GOAL_SCORES, REWARD_SCORES = ("features", "pixels", "state"), ("reward", "target")
 ARMS = ("model", "random", "simulator")
@@ -103,6 +104,7 @@ class PlanConfig:
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
     execute: int = 2  # actions executed per plan
+    act: str = "best"  # CEM: execute the best sequence scored (best) or the final elite mean (mean)
     common_noise: bool = False  # every candidate imagined from the same sampler noise per step
     sampler_steps: int = 1
     goal_offset: int = 25
@@ -121,6 +123,8 @@ class PlanConfig:
             raise UserError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.planner not in PLANNERS:
             raise UserError(f"planner must be one of {PLANNERS}, got {self.planner!r}")
+        if self.act not in ACTS:
+            raise UserError(f"act must be one of {ACTS}, got {self.act!r}")
         if self.score not in SCORES:
             raise UserError(f"score must be one of {SCORES}, got {self.score!r}")
         if self.score != "auto" and self.score not in (GOAL_SCORES if self.task == "goal" else REWARD_SCORES):
@@ -680,10 +684,13 @@ def control(
                 imagined_frames += scorer.frames - before
                 plans += 1
                 mean = shift_plan(plan.mean, cfg.execute)
-                chosen = plan.actions[: cfg.execute]
+                # MPPI always executes its mean; CEM its best sequence or, with act=mean, the refitted
+                # mean of its elites, which averages out candidates that won on sampler noise alone
+                executed = plan.mean if cfg.act == "mean" else plan.actions
+                chosen = executed[: cfg.execute]
                 queue = list(wm.denormalize_actions(chosen.to(wm.device)).cpu().numpy())
                 if video and arm == "model":
-                    _, seen = scorer.imagine(plan.actions[None].to(wm.device), keep=True)
+                    _, seen = scorer.imagine(executed[None].to(wm.device), keep=True)
                     from selfflow_world.video import to_uint8
 
                     imagined_queue = list(to_uint8(seen[0, : cfg.execute]))

@@ -289,6 +289,7 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"elites": 9, "population": 8}, "elites"),
         ({"task": "dance"}, "task must be one of"),
         ({"planner": "grid"}, "planner must be one of"),
+        ({"act": "median"}, "act must be one of"),
         ({"task": "reward", "score": "pixels"}, "does not fit"),
         ({"task": "reward", "score": "state"}, "does not fit"),
         ({"task": "goal", "score": "target"}, "does not fit"),
