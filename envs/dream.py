@@ -16,7 +16,13 @@ termination as Gymnasium does).
 
 Observations: ``"frames"``, the imagined frame, uint8 ``(h, w, 3)``; or ``"features"``, the
 model's own features of it (the heads' block, mean-pooled over the frame's tokens), float32
-``(D,)``: small enough for an MLP policy on a CPU. To act in the real env with a policy trained
+``(D,)``: small enough for an MLP policy on a CPU; or ``"probes"``, what the probes shipped beside
+the model's weights (``selfflow_world.plan.ship_probe``: a state probe, and for reacher a
+finger-to-target probe) read off the frame and off the frame before it, float32 ``(2K,)``: a
+compact, physically meaningful vector where pooled features lose where things are. Rewards:
+``"heads"`` (default) or ``"target"``, minus the finger-to-target distance the target probe reads
+off the imagined frame (the planner's ``target`` score, dense where the env's reward is sparse;
+needs no heads, never terminates). To act in the real env with a policy trained
 here, compute the same observation from real frames with :meth:`DreamEnv.observe_real` (frames:
 the newest one; features: :meth:`~selfflow_world.world_model.WorldModel.clip_features` of the last
 ``history + 1`` real frames and their actions, which is what :meth:`step` computes for an imagined
@@ -52,7 +58,8 @@ from selfflow_world.errors import UserError
 if TYPE_CHECKING:
     from selfflow_world.world_model import WorldModel
 
-OBSERVATIONS = ("frames", "features")
+OBSERVATIONS = ("frames", "features", "probes")
+REWARDS = ("heads", "target")
 _SEED_RANGE = 2**31 - 1
 
 
@@ -129,6 +136,36 @@ class _DatasetStarts:
         return frames, actions
 
 
+def _probes(wm: WorldModel, observation: str, reward: str) -> dict[str, torch.nn.Module]:
+    """The probes shipped with ``wm`` that ``observation="probes"`` (all of them: the state probe,
+    and the target probe where the env has a target) and ``reward="target"`` (the target probe) read
+    frames with, by name, on the model's device."""
+    from selfflow_world.plan import PROBE_FILES, shipped_probe
+
+    if observation != "probes" and reward != "target":
+        return {}
+    found = {}
+    for name in PROBE_FILES:
+        shipped = shipped_probe(wm, name)
+        if shipped is not None:
+            found[name] = shipped[0].to(wm.device)
+    how = (
+        "sfw plan task={task} fits one for a model (kept as out/{name}_probe.pt) and "
+        "selfflow_world.plan.ship_probe stores it beside the model's weights"
+    )
+    if reward == "target" and "target" not in found:
+        raise UserError(
+            f"reward=target needs a target probe (the effector-to-target vector) beside the weights of "
+            f"{wm.source}, which has none; " + how.format(task="reward", name="target")
+        )
+    if observation == "probes" and "state" not in found:
+        raise UserError(
+            f"observation=probes needs at least a state probe beside the weights of {wm.source}, which "
+            "has none; " + how.format(task="goal", name="state")
+        )
+    return found
+
+
 class _Dreamer:
     """What both dream envs share: the model and its heads, the start contexts, the spaces, and
     the observation of an imagined (or real) frame."""
@@ -141,6 +178,7 @@ class _Dreamer:
         start: str | Path,
         observation: str,
         device: str | torch.device,
+        reward: str = "heads",
     ):
         from selfflow_world.heads import missing_heads_message
         from selfflow_world.world_model import WorldModel
@@ -151,15 +189,20 @@ class _Dreamer:
             raise UserError(f"steps (sampler steps per imagined frame) must be in [1, 50], got {steps!r}")
         if observation not in OBSERVATIONS:
             raise UserError(f"observation must be one of {OBSERVATIONS}, got {observation!r}")
+        if reward not in REWARDS:
+            raise UserError(f"reward must be one of {REWARDS}, got {reward!r}")
         wm = (
             world_model
             if isinstance(world_model, WorldModel)
             else WorldModel.load(world_model, device=device)
         )
-        if wm.heads is None:
+        if wm.heads is None and (reward == "heads" or observation == "features"):
             raise UserError(missing_heads_message(wm.source))
         self.wm, self.horizon, self.steps, self.observation = wm, int(horizon), int(steps), observation
-        self.history, self.layer = wm.history, int(wm.heads_meta["layer"])
+        self.reward = reward
+        self.history = wm.history
+        self.layer = int(wm.heads_meta["layer"]) if wm.heads is not None else None
+        self.probes = _probes(wm, observation, reward)
         self.real = None
         size = wm.config.image_size
         if str(start) == "env":
@@ -189,6 +232,9 @@ class _Dreamer:
         self.start = str(start)
         if observation == "frames":
             self.observation_space = gym.spaces.Box(0, 255, (size, size, 3), dtype=np.uint8)
+        elif observation == "probes":
+            dims = 2 * sum(probe.state_dim for probe in self.probes.values())
+            self.observation_space = gym.spaces.Box(-np.inf, np.inf, (dims,), dtype=np.float32)
         else:
             self.observation_space = gym.spaces.Box(-np.inf, np.inf, (wm.config.width,), dtype=np.float32)
 
@@ -202,6 +248,8 @@ class _Dreamer:
         their last frames' features given the frames before them."""
         if self.observation == "frames":
             return np.ascontiguousarray(frames[:, -1])
+        if self.observation == "probes":
+            return self.probe_observations(frames[:, -1], frames[:, -2 if frames.shape[1] > 1 else -1])
         feats = self.wm.clip_features(frames, actions, layer=self.layer)
         return feats.mean(1).cpu().numpy().astype(np.float32)
 
@@ -220,24 +268,54 @@ class _Dreamer:
         keep = self.history + 1
         return self.context_observations(frames[None, -keep:], actions[None, -keep:])[0]
 
-    def advance(self, state, actions: np.ndarray, generator: torch.Generator):
-        """One batched step: (frames uint8 ``(B, h, w, 3)``, observations, rewards ``(B,)`` float32,
-        terminated ``(B,)`` bool)."""
+    @torch.no_grad()
+    def read_probes(self, frames: np.ndarray) -> dict[str, np.ndarray]:
+        """What each probe reads off uint8 frames ``(B, h, w, 3)``: ``{name: (B, k)}`` float32."""
+        from selfflow_world.video import to_float
+
+        x = to_float(frames)
+        return {
+            name: probe(x.to(probe.state_mean.device)).float().cpu().numpy()
+            for name, probe in self.probes.items()
+        }
+
+    def probe_observations(self, frames: np.ndarray, previous: np.ndarray) -> np.ndarray:
+        """The ``probes`` observation ``(B, 2K)``: every probe's reading of the frames, then of the
+        frames before them (the difference says how the arm moves)."""
+        now, before = self.read_probes(frames), self.read_probes(previous)
+        return np.concatenate([*now.values(), *before.values()], axis=1).astype(np.float32)
+
+    def target_rewards(self, frames: np.ndarray) -> np.ndarray:
+        """The ``target`` reward ``(B,)``: minus the effector-to-target distance the target probe
+        reads off each frame, a dense stand-in for the env's sparse reward (the planner's
+        ``target`` score, one frame at a time)."""
+        vector = self.read_probes(frames)["target"]
+        return -np.linalg.norm(vector, axis=1).astype(np.float32)
+
+    def advance(self, state, actions: np.ndarray, generator: torch.Generator, previous: np.ndarray):
+        """One batched step from the current frames ``previous`` (uint8 ``(B, h, w, 3)``): (frames
+        uint8 ``(B, h, w, 3)``, observations, rewards ``(B,)`` float32, terminated ``(B,)`` bool)."""
+        heads = self.reward == "heads"
         out = self.wm.step(
             state,
             actions,
             steps=self.steps,
             generator=generator,
             features=self.layer if self.observation == "features" else False,
-            rewards=True,
+            rewards=heads,
         )
-        frames = np.asarray(out.frames)
+        frames = np.asarray(out if isinstance(out, np.ndarray) else out.frames)
         if self.observation == "features":
             obs = out.features.mean(1).cpu().numpy().astype(np.float32)
+        elif self.observation == "probes":
+            obs = self.probe_observations(frames, previous)
         else:
             obs = frames
-        rewards = out.reward.float().cpu().numpy().astype(np.float32)
-        terminated = (out.termination.float() > 0.5).cpu().numpy()
+        if heads:
+            rewards = out.reward.float().cpu().numpy().astype(np.float32)
+            terminated = (out.termination.float() > 0.5).cpu().numpy()
+        else:
+            rewards, terminated = self.target_rewards(frames), np.zeros(len(frames), bool)
         return frames, obs, rewards, terminated
 
     def clip(self, actions) -> np.ndarray:
@@ -278,7 +356,11 @@ class DreamEnv(gym.Env):
         horizon: agent steps per episode (truncation).
         steps: sampler steps per imagined frame (1 to 50; 1 is fastest).
         start: ``"env"`` (contexts from the real env's resets) or a dataset directory.
-        observation: ``"frames"`` (uint8 ``(h, w, 3)``) or ``"features"`` (float32 ``(D,)``).
+        observation: ``"frames"`` (uint8 ``(h, w, 3)``), ``"features"`` (float32 ``(D,)``) or
+            ``"probes"`` (float32 ``(2K,)``: the shipped probes' readings of the frame and the one
+            before it).
+        reward: ``"heads"`` (the reward/termination heads) or ``"target"`` (minus the distance the
+            shipped target probe reads off the frame; never terminates).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 25}
@@ -291,12 +373,13 @@ class DreamEnv(gym.Env):
         steps: int = 1,
         start: str | Path = "env",
         observation: str = "frames",
+        reward: str = "heads",
         device: str | torch.device = "cpu",
         render_mode: str | None = "rgb_array",
     ):
         if render_mode not in (None, "rgb_array"):
             raise UserError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
-        self.dream = _Dreamer(world_model, horizon, steps, start, observation, device)
+        self.dream = _Dreamer(world_model, horizon, steps, start, observation, device, reward)
         self.wm, self.horizon, self.render_mode = self.dream.wm, self.dream.horizon, render_mode
         self.action_space, self.observation_space = self.dream.action_space, self.dream.observation_space
         self._state = None
@@ -319,7 +402,7 @@ class DreamEnv(gym.Env):
         if self._done:
             raise RuntimeError("DreamEnv: call reset() before step() (and after an episode ends)")
         frames, obs, rewards, terminated = self.dream.advance(
-            self._state, self.dream.clip(action), self._generator
+            self._state, self.dream.clip(action), self._generator, self._frame[None]
         )
         self._frame = frames[0]
         self._length += 1
@@ -407,12 +490,13 @@ class DreamVecEnv(VecEnv):
         steps: int = 1,
         start: str | Path = "env",
         observation: str = "frames",
+        reward: str = "heads",
         seed: int | None = None,
         device: str | torch.device = "cpu",
     ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs <= 0:
             raise UserError(f"num_envs must be a positive integer, got {num_envs!r}")
-        self.dream = _Dreamer(world_model, horizon, steps, start, observation, device)
+        self.dream = _Dreamer(world_model, horizon, steps, start, observation, device, reward)
         self.wm, self.horizon, self.render_mode = self.dream.wm, self.dream.horizon, "rgb_array"
         n = int(num_envs)
         self._rows = [DreamRow(self, i) for i in range(n)]
@@ -456,7 +540,9 @@ class DreamVecEnv(VecEnv):
             raise RuntimeError("DreamVecEnv: step_wait() without step_async()")
         actions = self.dream.clip(self._actions.reshape(self.num_envs, -1))
         self._actions = None
-        frames, obs, rewards, terminated = self.dream.advance(self._state, actions, self._generator)
+        frames, obs, rewards, terminated = self.dream.advance(
+            self._state, actions, self._generator, self._frames.copy()
+        )
         self._frames[:] = frames
         self._obs[:] = obs
         self._returns += rewards

@@ -53,6 +53,9 @@ class RLConfig:
     envs: int = 64
     horizon: int = 50
     observation: str = "features"
+    reward: str = (
+        "heads"  # heads (the reward/termination heads) or target (minus a probe's finger-to-target distance)
+    )
     network: str = "auto"  # mlp (SB3's MlpPolicy) for features, cnn (CnnPolicy) for frames
     start: str = "env"
     sampler_steps: int = 1
@@ -79,10 +82,12 @@ class RLConfig:
             raise UserError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.network not in ("auto", *NETWORKS):
             raise UserError(f"network must be auto, mlp or cnn, got {self.network!r}")
-        from selfflow_world.envs.dream import OBSERVATIONS
+        from selfflow_world.envs.dream import OBSERVATIONS, REWARDS
 
         if self.observation not in OBSERVATIONS:
             raise UserError(f"observation must be one of {OBSERVATIONS}, got {self.observation!r}")
+        if self.reward not in REWARDS:
+            raise UserError(f"reward must be one of {REWARDS}, got {self.reward!r}")
         for name in (
             "steps",
             "envs",
@@ -114,7 +119,7 @@ class RLConfig:
         """The SB3 policy class name."""
         if self.network != "auto":
             return NETWORKS[self.network]
-        return "MlpPolicy" if self.observation == "features" else "CnnPolicy"
+        return "CnnPolicy" if self.observation == "frames" else "MlpPolicy"
 
 
 def eval_seeds(cfg: RLConfig) -> list[int]:
@@ -252,7 +257,12 @@ def evaluate(cfg: RLConfig, agent, wm, out: Path) -> tuple[dict[str, Any], list[
         action_repeat=render.get("action_repeat"),
     )
     dream = DreamEnv(
-        wm, horizon=cfg.horizon, steps=cfg.sampler_steps, start="env", observation=cfg.observation
+        wm,
+        horizon=cfg.horizon,
+        steps=cfg.sampler_steps,
+        start="env",
+        observation=cfg.observation,
+        reward=cfg.reward,
     )
     low, high = env.action_space.low, env.action_space.high
 
@@ -340,10 +350,10 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     cfg.check()
     if wm is None:
         wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
-    if wm.heads is None:
+    if wm.heads is None and (cfg.reward == "heads" or cfg.observation == "features"):
         raise UserError(missing_heads_message(cfg.ckpt))
     if cfg.resolved_policy == "CnnPolicy" and cfg.observation != "frames":
-        raise UserError("network=cnn needs observation=frames (features are a vector: network=mlp)")
+        raise UserError(f"network=cnn needs observation=frames ({cfg.observation} are a vector: network=mlp)")
     if cfg.resolved_policy == "CnnPolicy" and wm.config.image_size < 36:
         raise UserError(
             f"CnnPolicy needs frames of at least 36x36 pixels, the model's are {wm.config.image_size}; "
@@ -358,6 +368,7 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
         steps=cfg.sampler_steps,
         start=cfg.start,
         observation=cfg.observation,
+        reward=cfg.reward,
         seed=cfg.seed,
     )
     try:

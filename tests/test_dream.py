@@ -296,3 +296,54 @@ def test_bad_input_is_refused(wm, tiny_run, collect_config, tmp_path):
     collect(collect_config(cartpole, env="dmc/cartpole-swingup", episodes=1, steps=3), progress=False)
     with pytest.raises(UserError, match="action dim 1; the model expects"):
         DreamEnv(wm, start=str(cartpole))
+
+
+def _with_probes(heads_run, tmp_path):
+    """A copy of the heads model with a (random-weight) state and target probe shipped beside it."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.plan import PROBE_FILES
+    from selfflow_world.probe import StateProbe
+    from selfflow_world.world_model import WorldModel
+
+    ckpt = tmp_path / "probed"
+    shutil.copytree(resolve_checkpoint(heads_run), ckpt)
+    for name, dim in (("state", 4), ("target", 2)):
+        torch.manual_seed(dim)
+        probe = StateProbe(16, dim, 4)
+        weights, meta = PROBE_FILES[name]
+        save_file({k: v.contiguous() for k, v in probe.state_dict().items()}, str(ckpt / weights))
+        (ckpt / meta).write_text(json.dumps({"image_size": [16, 16], "state_dim": dim, "width": 4}))
+    return WorldModel.load(ckpt)
+
+
+def test_probe_observations_and_target_reward_read_the_shipped_probes(heads_run, tmp_path):
+    from gymnasium.utils.env_checker import check_env
+
+    probed = _with_probes(heads_run, tmp_path)
+    env = DreamEnv(probed, horizon=3, observation="probes", reward="target")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check_env(env)
+        obs, _ = env.reset(seed=0)
+        assert obs.shape == (2 * (4 + 2),) and obs.dtype == np.float32
+        obs, reward, *_ = env.step(np.zeros(2, np.float32))
+        frame = env.render()[None]
+        readings = env.dream.read_probes(frame)
+        assert np.allclose(obs[:4], readings["state"][0], atol=1e-5)
+        assert np.allclose(obs[4:6], readings["target"][0], atol=1e-5)
+        assert reward == pytest.approx(-float(np.linalg.norm(readings["target"][0])), abs=1e-5)
+    finally:
+        env.close()
+
+
+def test_probes_and_target_reward_need_shipped_probes(wm):
+    with pytest.raises(UserError, match="observation=probes needs at least a state probe"):
+        DreamEnv(wm, observation="probes")
+    with pytest.raises(UserError, match="reward=target needs a target probe"):
+        DreamEnv(wm, reward="target")
