@@ -456,3 +456,58 @@ def test_step_with_given_noise_is_the_step_that_draws_it(tiny_run):
     )
     with pytest.raises(UserError, match="noise must be"):
         wm.step(wm.start(context), actions, noise=noise[:2])
+
+
+class _RecordingEnv:
+    """Just enough of an env for :func:`control`: records the actions it is given."""
+
+    def __init__(self):
+        from gymnasium.spaces import Box
+
+        self.action_space = Box(-1.0, 1.0, (2,), np.float32)
+        self.actions = []
+
+    def restore(self, physics, seed=None):
+        self.actions = []
+
+    def get_physics_state(self):
+        return np.zeros(5)
+
+    def step(self, action):
+        self.actions.append(np.asarray(action))
+        return np.zeros((32, 32, 3), np.uint8), 0.0, False, False, {}
+
+
+class _CountingScorer:
+    frames = 0
+
+    def begin(self, context, context_actions):
+        pass
+
+
+@pytest.mark.parametrize("act, expected", [("best", 0.5), ("mean", -0.5)])
+def test_cem_executes_its_best_sequence_or_with_act_mean_its_elite_mean(act, expected, monkeypatch):
+    import selfflow_world.plan as plan_module
+    from selfflow_world.agents import Plan
+
+    def fake_planner(cfg, scorer, action_dim, generator, init_mean):
+        best, mean = torch.full((cfg.horizon, action_dim), 0.5), torch.full((cfg.horizon, action_dim), -0.5)
+        return Plan(actions=best, best=best, mean=mean, std=torch.ones_like(mean), score=0.0)
+
+    monkeypatch.setattr(plan_module, "_planner", fake_planner)
+    cfg = PlanConfig(out="unused", planner="cem", act=act, horizon=3, execute=2)
+    env, context = _RecordingEnv(), np.zeros((2, 32, 32, 3), np.uint8)
+    out = plan_module.control(
+        cfg,
+        env,
+        _pixel_world_model(),
+        "model",
+        _CountingScorer(),
+        context,
+        np.zeros((2, 2), np.float32),
+        physics=None,
+        env_seed=0,
+        steps=4,
+    )
+    assert out["plans"] == 2  # replans after every `execute` actions
+    assert np.allclose(np.stack(env.actions), expected)
