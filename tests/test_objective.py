@@ -152,6 +152,16 @@ def test_selfflow_without_mask_and_weight_equals_flow_for_one_seed():
     assert not torch.equal(velocity_flow, dts)
 
 
+def test_at_t_one_one_dts_is_flow_and_the_teacher_sees_what_the_student_sees():
+    # every target at t = s = 1: the second timestep has nothing to mask, so DTS is plain flow, and
+    # Self-Flow's teacher gets the same pure-noise targets as the student (no information gap)
+    flow, _ = loss_of(ObjectiveConfig(mode="flow", t_one=1.0, weighting="velocity"))
+    dts, metrics = loss_of(ObjectiveConfig(mode="dts", t_one=1.0, weighting="velocity", mask_ratio=0.5))
+    assert torch.equal(flow, dts) and metrics["s_frac"] > 0
+    _, metrics = loss_of(ObjectiveConfig(mode="selfflow", t_one=1.0))
+    assert metrics["teacher_t_mean"] == metrics["t_mean"] == 1.0
+
+
 def test_same_seed_same_loss():
     cfg = ObjectiveConfig(mode="selfflow")
     assert torch.equal(loss_of(cfg)[0], loss_of(cfg)[0])
