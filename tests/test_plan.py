@@ -478,7 +478,9 @@ class _RecordingEnv:
         return np.zeros((32, 32, 3), np.uint8), 0.0, False, False, {}
 
 
-class _CountingScorer:
+class _IdleScorer:
+    """What :func:`control` asks of a scorer when the planner is replaced: nothing is imagined."""
+
     frames = 0
 
     def begin(self, context, context_actions):
@@ -502,7 +504,7 @@ def test_cem_executes_its_best_sequence_or_with_act_mean_its_elite_mean(act, exp
         env,
         _pixel_world_model(),
         "model",
-        _CountingScorer(),
+        _IdleScorer(),
         context,
         np.zeros((2, 2), np.float32),
         physics=None,
