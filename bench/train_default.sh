@@ -10,7 +10,7 @@
 # episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads in the newest
 # checkpoint), <last stage's run>/eval_test (the report on the held-out episodes).
 # Environment: SFW (default .venv/bin/sfw), WORKERS (collection processes, default 2), OBJECTIVE
-# (default selfflow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
+# (default flow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
 # "objective.t_one=1.0"), FINETUNE (steps of a second schedule, lr 1e-4, started from the first
 # run's EMA weights in runs/<name>-ft with `sfw train init=`; default 0 = none), IH
 # (imagined_history of a last stage that trains on the model's own predictions, in runs/<name>-ih,
@@ -26,7 +26,7 @@ NAME="${1:?usage: bench/train_default.sh reacher-easy|cartpole-swingup [STEPS]}"
 STEPS="${2:-5000}"
 SFW="${SFW:-.venv/bin/sfw}"
 WORKERS="${WORKERS:-2}"
-OBJECTIVE="${OBJECTIVE:-selfflow}"
+OBJECTIVE="${OBJECTIVE:-flow}"
 BATCH="${BATCH:-16}"
 FINETUNE="${FINETUNE:-0}"
 RUN="runs/$NAME"

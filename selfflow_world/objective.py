@@ -30,6 +30,7 @@ levels), so runs of different modes with one seed share their noise and their ``
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -45,13 +46,16 @@ from selfflow_world.model import default_feature_layer, expand_t, shift_frames, 
 MODES = ("flow", "dts", "selfflow")
 TIME_DISTS = ("uniform", "logit_normal")
 WEIGHTINGS = ("velocity", "x")
+# t_one when unset: flow trains every example at pure noise, what one-step imagination sees (the
+# shipped models; docs/study.md compares it with 0.25); DTS and Self-Flow need partly noisy targets
+DEFAULT_T_ONE = {"flow": 1.0, "dts": 0.25, "selfflow": 0.25}
 
 
 @dataclass
 class ObjectiveConfig:
     """Settings of :func:`compute_loss` (and of the trainer's EMA teacher)."""
 
-    mode: str = "selfflow"  # "flow" | "dts" | "selfflow"
+    mode: str = "flow"  # "flow" | "dts" | "selfflow"
     mask_ratio: float = 0.25  # R_M: probability that a target token takes the second timestep s
     time_dist: str = "uniform"  # p(t): "uniform" | "logit_normal"
     logit_mean: float = 0.0
@@ -61,7 +65,9 @@ class ObjectiveConfig:
     # "velocity": |v_hat - v|^2, which for x-prediction is |x_hat - x|^2 / max(t, t_min)^2;
     # "x": the clean-frame error |x_hat - x|^2, the same weight at every noise level
     weighting: str = "x"
-    t_one: float = 0.25  # share of examples whose target frames sit at t = 1 (pure noise; DTS's s too)
+    # share of examples whose target frames sit at t = 1 (pure noise; DTS's s too); None: 1.0 for flow,
+    # 0.25 for dts and selfflow, which at t_one = 1 have no second noise level to work with
+    t_one: float | None = None
     motion_weight: float = 0.0  # pixels whose value changed from the previous frame weigh 1 + this
     student_layer: int | None = None  # l, 1-based; None: round(0.3 * depth)
     teacher_layer: int | None = None  # k, 1-based; None: round(0.7 * depth)
@@ -81,8 +87,19 @@ class ObjectiveConfig:
             raise UserError(f"objective time_dist must be one of {TIME_DISTS}, got {self.time_dist!r}")
         if self.weighting not in WEIGHTINGS:
             raise UserError(f"objective weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.t_one is None:
+            self.t_one = DEFAULT_T_ONE[self.mode]
         if not 0.0 <= self.t_one <= 1.0:
             raise UserError(f"objective t_one must be in [0, 1], got {self.t_one!r}")
+        if self.mode != "flow" and self.t_one == 1.0:
+            # every example at t = s = 1: DTS has nothing to mask, and Self-Flow's teacher sees the
+            # student's own pure-noise input, so there is no information gap to distil
+            warnings.warn(
+                f"objective mode {self.mode} with t_one=1 is plain flow matching"
+                + (" plus self-distillation" if self.mode == "selfflow" else "")
+                + "; use t_one < 1 (e.g. 0.25) for Dual-Timestep Scheduling to act",
+                stacklevel=2,
+            )
         if not self.motion_weight >= 0:
             raise UserError(f"objective motion_weight must be >= 0, got {self.motion_weight!r}")
         if not self.logit_std > 0 or not self.shift > 0:

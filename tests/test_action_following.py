@@ -10,9 +10,11 @@ import torch
 
 from selfflow_world.action_following import action_sensitivity, following_ratio
 from selfflow_world.conditioning import FEATURES, Conditioning, action_features, action_frequencies
+from selfflow_world.config import load_config
 from selfflow_world.model import WorldDiT, model_config, shift_frames
 from selfflow_world.objective import ObjectiveConfig, compute_loss, flow_error, sample_times
 from selfflow_world.sampler import renoise, rollout
+from selfflow_world.train import TrainConfig
 
 A = 2
 
@@ -49,8 +51,21 @@ def test_flow_error_weightings_on_known_inputs():
 
 
 def test_default_objective_is_the_measured_choice():
+    # docs/study.md: flow at t_one 1 (the shipped models' recipe) against t_one 0.25 and selfflow
     cfg = ObjectiveConfig()
-    assert (cfg.weighting, cfg.t_one, cfg.time_dist, cfg.shift) == ("x", 0.25, "uniform", 1.0)
+    assert (cfg.mode, cfg.weighting, cfg.t_one, cfg.time_dist, cfg.shift) == ("flow", "x", 1.0, "uniform", 1.0)
+    assert load_config("train", [], TrainConfig).objective == cfg  # sfw train's default is the same
+    # DTS and Self-Flow keep partly noisy targets by default: at t_one = 1 they would be plain flow
+    for mode in ("dts", "selfflow"):
+        assert ObjectiveConfig(mode=mode).t_one == 0.25
+        assert load_config("train", [f"objective={mode}"], TrainConfig).objective.t_one == 0.25
+
+
+def test_dts_at_t_one_one_warns_that_it_is_plain_flow():
+    with pytest.warns(UserWarning, match="plain flow matching plus self-distillation"):
+        ObjectiveConfig(mode="selfflow", t_one=1.0)
+    with pytest.warns(UserWarning, match="plain flow matching; use t_one < 1"):
+        ObjectiveConfig(mode="dts", t_one=1.0)
 
 
 def test_t_one_puts_that_share_of_examples_at_pure_noise():

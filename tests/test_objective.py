@@ -142,12 +142,12 @@ def test_teacher_sees_every_target_token_at_the_cleaner_level_without_gradient()
 
 
 def test_selfflow_without_mask_and_weight_equals_flow_for_one_seed():
-    flow, _ = loss_of(ObjectiveConfig(mode="flow"))
+    flow, _ = loss_of(ObjectiveConfig(mode="flow", t_one=0.25))
     selfflow, metrics = loss_of(ObjectiveConfig(mode="selfflow", mask_ratio=0.0, gamma=0.0))
     assert torch.equal(flow, selfflow) and metrics["rep_loss"] > 0
     # a fresh residual model copies the previous frame whatever the noise, so only a weighting that
     # depends on the noise level (velocity) tells the two timesteps apart here
-    velocity_flow, _ = loss_of(ObjectiveConfig(mode="flow", weighting="velocity"))
+    velocity_flow, _ = loss_of(ObjectiveConfig(mode="flow", t_one=0.25, weighting="velocity"))
     dts, _ = loss_of(ObjectiveConfig(mode="dts", mask_ratio=0.5, weighting="velocity"))
     assert not torch.equal(velocity_flow, dts)
 
@@ -156,9 +156,12 @@ def test_at_t_one_one_dts_is_flow_and_the_teacher_sees_what_the_student_sees():
     # every target at t = s = 1: the second timestep has nothing to mask, so DTS is plain flow, and
     # Self-Flow's teacher gets the same pure-noise targets as the student (no information gap)
     flow, _ = loss_of(ObjectiveConfig(mode="flow", t_one=1.0, weighting="velocity"))
-    dts, metrics = loss_of(ObjectiveConfig(mode="dts", t_one=1.0, weighting="velocity", mask_ratio=0.5))
+    with pytest.warns(UserWarning, match="plain flow"):  # the config says so too
+        dts_cfg = ObjectiveConfig(mode="dts", t_one=1.0, weighting="velocity", mask_ratio=0.5)
+        selfflow_cfg = ObjectiveConfig(mode="selfflow", t_one=1.0)
+    dts, metrics = loss_of(dts_cfg)
     assert torch.equal(flow, dts) and metrics["s_frac"] > 0
-    _, metrics = loss_of(ObjectiveConfig(mode="selfflow", t_one=1.0))
+    _, metrics = loss_of(selfflow_cfg)
     assert metrics["teacher_t_mean"] == metrics["t_mean"] == 1.0
 
 
@@ -227,7 +230,9 @@ def test_invalid_objective_settings_raise_user_errors():
     with pytest.raises(UserError):
         ObjectiveConfig().resolve_layers(1)
     with pytest.raises(UserError, match="teacher and a projector"):
-        compute_loss(tiny_model(), tiny_batch(), ObjectiveConfig(), torch.Generator(), history=HISTORY)
+        compute_loss(
+            tiny_model(), tiny_batch(), ObjectiveConfig(mode="selfflow"), torch.Generator(), history=HISTORY
+        )
     with pytest.raises(UserError, match="history"):
         compute_loss(tiny_model(), tiny_batch(), ObjectiveConfig(mode="flow"), torch.Generator(), history=T)
 

@@ -194,15 +194,16 @@ def test_dataset_that_does_not_match_checkpoint_is_refused(tiny_dataset, tmp_pat
     [
         ("steps=0", "steps must be a positive integer"),
         ("objective.mask_ratio=0.7", r"mask_ratio must be in \[0, 0.5\]"),
-        ("objective.student_layer=2", "student_layer < teacher_layer"),
-        ("objective.teacher_layer=3", "<= depth 2"),
+        # the layers matter to selfflow only (flow, the default, has no teacher)
+        ("objective=selfflow objective.student_layer=2", "student_layer < teacher_layer"),
+        ("objective=selfflow objective.teacher_layer=3", "<= depth 2"),
         ("model=huge", "Could not find 'model/huge'"),
         ("lr=-1", "lr > 0"),
     ],
 )
 def test_nonsense_settings_fail_clearly(tiny_dataset, tmp_path, bad, match):
     with pytest.raises(UserError, match=match):
-        train(tiny_dataset, tmp_path / "run", "steps=5", bad)
+        train(tiny_dataset, tmp_path / "run", "steps=5", *bad.split())
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
