@@ -10,6 +10,7 @@ are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
     python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
     python bench/bench_plan.py --settings 32x3x2 --score state --pixel-weight 0 --probe-imagined 0
     python bench/bench_plan.py --task reward --score target --episodes 5 --arms model,random
+    python bench/bench_plan.py --task reward --score target --near-planner mppi --near-distance 0.12
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def main() -> None:
     )
     p.add_argument("--planner", default="cem")
     p.add_argument("--task", default="goal", choices=["goal", "reward"])
+    p.add_argument(
+        "--near-planner",
+        default=None,
+        choices=["cem", "mppi"],
+        help="reward/target: plan with this planner while the real finger is within --near-distance of the target",
+    )
+    p.add_argument("--near-distance", type=float, default=0.12)
     p.add_argument("--temperature", type=float, default=0.1, help="MPPI: softmax temperature, score units")
     p.add_argument("--score", default="state", help="goal: state|pixels|features; reward: target|reward")
     p.add_argument(
@@ -81,6 +89,7 @@ def main() -> None:
         f"), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
         f"{args.execute} action(s) per plan{', common noise' if args.common_noise else ''}"
         f"{', executes the elite mean' if args.act == 'mean' else ''}"
+        f"{f', {args.near_planner} within {args.near_distance:g} of the target' if args.near_planner else ''}"
     )
     outcome = "success" if args.task == "goal" else "return"
     print(f"| setting (pop x horizon x iters) | arm | frames per plan | s per plan | {outcome} | 95% CI |")
@@ -91,7 +100,9 @@ def main() -> None:
         + ("" if args.task == "goal" else "reward-")
         + args.score
     )
-    if args.planner == "mppi" and args.temperature != 0.1:
+    if args.near_planner:
+        tag += f"-near-{args.near_planner}{args.near_distance:g}"
+    if "mppi" in (args.planner, args.near_planner) and args.temperature != 0.1:
         tag += f"-temp{args.temperature:g}"
     tag = tag if blur == [0] else f"{tag}-blur{'-'.join(map(str, blur))}"
     if args.score == "state" and args.pixel_weight:
@@ -124,6 +135,8 @@ def main() -> None:
             act=args.act,
             common_noise=args.common_noise,
             temperature=args.temperature,
+            near_planner=args.near_planner,
+            near_distance=args.near_distance,
             videos=0,
         )
         report = run_plan(cfg, wm=wm, progress=False)

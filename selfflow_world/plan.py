@@ -100,6 +100,10 @@ class PlanConfig:
     population: int = 32
     iterations: int = 2
     elites: int = 4
+    # reward task, target score: plan with this planner (cem|mppi) while the finger-to-target distance
+    # the probe reads off the latest real frame is below near_distance, with ``planner`` otherwise
+    near_planner: str | None = None
+    near_distance: float = 0.12
     temperature: float = 0.1  # MPPI
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
@@ -123,6 +127,8 @@ class PlanConfig:
             raise UserError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.planner not in PLANNERS:
             raise UserError(f"planner must be one of {PLANNERS}, got {self.planner!r}")
+        if self.near_planner is not None and self.near_planner not in PLANNERS:
+            raise UserError(f"near_planner must be one of {PLANNERS} or null, got {self.near_planner!r}")
         if self.act not in ACTS:
             raise UserError(f"act must be one of {ACTS}, got {self.act!r}")
         if self.score not in SCORES:
@@ -159,7 +165,7 @@ class PlanConfig:
                 "pixel_blur must be a non-empty list of integers >= 0 (box-blur radii in pixels, "
                 f"0 = sharp, e.g. [0, 2, 4, 8]), got {self.pixel_blur!r}"
             )
-        for name in ("temperature", "noise_std", "tolerance"):
+        for name in ("temperature", "noise_std", "tolerance", "near_distance"):
             check_positive(name, getattr(self, name))
         if (
             isinstance(self.probe_imagined, bool)
@@ -604,10 +610,18 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
 
 
 # -- the control loop ---------------------------------------------------------------------------------
-def _planner(cfg: PlanConfig, scorer, action_dim: int, generator: torch.Generator, init_mean: Tensor | None):
+def _planner(
+    cfg: PlanConfig,
+    scorer,
+    action_dim: int,
+    generator: torch.Generator,
+    init_mean: Tensor | None,
+    name: str | None = None,
+):
+    """One plan with planner ``name`` (default ``cfg.planner``)."""
     from selfflow_world.agents.planners import cem, mppi
 
-    if cfg.planner == "cem":
+    if (name or cfg.planner) == "cem":
         return cem(
             scorer,
             cfg.horizon,
@@ -665,7 +679,7 @@ def control(
     low, high = env.action_space.low, env.action_space.high
     total, done, plans, plan_time, imagined_frames = 0.0, False, 0, 0.0, 0
     mean, queue, imagined_queue, real_video, model_video = None, [], [], [], []
-    taken, first_reward, after_first = 0, None, 0.0
+    taken, first_reward, after_first, near_plans = 0, None, 0.0, 0
     while taken < steps:
         taken += 1
         if arm == "random":
@@ -679,13 +693,25 @@ def control(
                 else:
                     scorer.begin(ctx, ctx_a, env.get_physics_state(), env_seed)
                 before = scorer.frames
-                plan = _planner(cfg, scorer, wm.config.action_dim, gen, mean)
+                name = cfg.planner
+                if cfg.near_planner is not None:
+                    # how far the finger is from the target now, read off the latest real frame
+                    from selfflow_world.video import to_float
+
+                    if (
+                        float(scorer.distance(to_float(frames[-1][None]).to(wm.device))[0])
+                        < cfg.near_distance
+                    ):
+                        name = cfg.near_planner
+                        near_plans += 1
+                plan = _planner(cfg, scorer, wm.config.action_dim, gen, mean, name)
                 plan_time += time.perf_counter() - t0
                 imagined_frames += scorer.frames - before
                 plans += 1
                 mean = shift_plan(plan.mean, cfg.execute)
-                # MPPI always executes its mean; CEM its best sequence or, with act=mean, the refitted
-                # mean of its elites, which averages out candidates that won on sampler noise alone
+                # MPPI always executes its mean (its plan.actions); CEM its best sequence or, with
+                # act=mean, the refitted mean of its elites, which averages out candidates that won
+                # on sampler noise alone
                 executed = plan.mean if cfg.act == "mean" else plan.actions
                 chosen = executed[: cfg.execute]
                 queue = list(wm.denormalize_actions(chosen.to(wm.device)).cpu().numpy())
@@ -721,6 +747,7 @@ def control(
             after_first / (taken - first_reward + 1) if first_reward is not None else None
         ),
         "plans": plans,
+        "near_plans": near_plans,  # plans made with cfg.near_planner (near the target)
         "seconds_per_plan": plan_time / plans if plans else 0.0,
         "imagined_frames_per_plan": imagined_frames / plans if plans else 0.0,
     }
@@ -760,6 +787,11 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     if trained_env and env_name != trained_env:
         warnings.warn(f"planning in {env_name} with a model trained on {trained_env}", stacklevel=2)
     score = cfg.resolved_score(env_name)
+    if cfg.near_planner is not None and score != "target":
+        raise UserError(
+            f"near_planner switches planners by the probed distance to the target: it needs task=reward "
+            f"with score=target (in {'|'.join(TARGET_VECTORS)}), got task={cfg.task} score={score}"
+        )
     if score == "reward" and wm.heads is None:
         raise UserError(missing_heads_message(cfg.ckpt))
     render = wm.meta.get("render", {})
@@ -947,6 +979,9 @@ def summarise(cfg: PlanConfig, results: dict[str, list[dict]], env_name: str) ->
                 first_reward_step=float(np.mean(firsts)) if firsts else None,
                 reward_per_step_after_first=float(np.mean(held)) if held else None,
             )
+        if arm != "random" and cfg.near_planner is not None:
+            plans = sum(r["plans"] for r in rows)
+            entry["near_plan_share"] = sum(r.get("near_plans", 0) for r in rows) / plans if plans else 0.0
         if arm != "random":
             entry["seconds_per_plan"] = float(np.mean([r["seconds_per_plan"] for r in rows]))
             entry["imagined_frames_per_plan"] = float(np.mean([r["imagined_frames_per_plan"] for r in rows]))
@@ -972,9 +1007,17 @@ def _interval(entry: dict) -> str:
     return "[n/a]" if math.isnan(low) or math.isnan(high) else f"[{low:.1f}, {high:.1f}]"
 
 
+def _planner_label(settings: dict) -> str:
+    """``cem``, or ``cem, mppi within 0.12 of the target`` when a near planner is set."""
+    near = settings.get("near_planner")
+    if near is None:
+        return settings["planner"]
+    return f"{settings['planner']}, {near} within {settings['near_distance']:g} of the target"
+
+
 def plan_summary(report: dict) -> str:
     lines = [
-        f"{report['task']} planning in {report['env']} ({report['settings']['planner']}, score {report['score']}):"
+        f"{report['task']} planning in {report['env']} ({_planner_label(report['settings'])}, score {report['score']}):"
     ]
     for arm, e in report["arms"].items():
         if report["task"] == "goal":
@@ -983,6 +1026,8 @@ def plan_summary(report: dict) -> str:
             text = f"return {e['return_mean']:.1f} {_interval(e)} over {e['episodes']}"
         if "seconds_per_plan" in e:
             text += f", {e['seconds_per_plan']:.2f} s per plan"
+        if "near_plan_share" in e:
+            text += f", {e['near_plan_share']:.0%} of plans near the target"
         lines.append(f"  {arm:<10} {text}")
     return "\n".join(lines)
 
@@ -992,7 +1037,7 @@ def plan_markdown(report: dict) -> str:
     lines = [
         f"# Planning report: {report['task']} in {report['env']}",
         "",
-        f"Planner {s['planner']}, score {report['score']}, horizon {s['horizon']}, population {s['population']}, "
+        f"Planner {_planner_label(s)}, score {report['score']}, horizon {s['horizon']}, population {s['population']}, "
         f"iterations {s['iterations']}, {s['execute']} action(s) per plan, {s['sampler_steps']} sampler step(s), seed {s['seed']}.",
         "",
     ]
@@ -1023,6 +1068,11 @@ def plan_markdown(report: dict) -> str:
                 f"{maybe(e.get('first_reward_step'), 0)} | {maybe(e.get('reward_per_step_after_first'), 2)} | "
                 f"{e.get('seconds_per_plan', float('nan')):.2f} | {e.get('imagined_frames_per_plan', float('nan')):.0f} |"
             )
+        near = [
+            f"{arm} {e['near_plan_share']:.0%}" for arm, e in report["arms"].items() if "near_plan_share" in e
+        ]
+        if near:
+            lines += ["", f"Plans made near the target (with {s['near_planner']}): {', '.join(near)}."]
     if "state_probe" in report:
         sp = report["state_probe"]
         rmse = ", ".join(f"{v:.3f}" for v in sp["floor_rmse"])

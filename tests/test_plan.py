@@ -290,6 +290,8 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "dance"}, "task must be one of"),
         ({"planner": "grid"}, "planner must be one of"),
         ({"act": "median"}, "act must be one of"),
+        ({"near_planner": "grid"}, "near_planner must be one of"),
+        ({"near_distance": 0.0}, "near_distance must be"),
         ({"task": "reward", "score": "pixels"}, "does not fit"),
         ({"task": "reward", "score": "state"}, "does not fit"),
         ({"task": "goal", "score": "target"}, "does not fit"),
@@ -492,7 +494,7 @@ def test_cem_executes_its_best_sequence_or_with_act_mean_its_elite_mean(act, exp
     import selfflow_world.plan as plan_module
     from selfflow_world.agents import Plan
 
-    def fake_planner(cfg, scorer, action_dim, generator, init_mean):
+    def fake_planner(cfg, scorer, action_dim, generator, init_mean, name=None):
         best, mean = torch.full((cfg.horizon, action_dim), 0.5), torch.full((cfg.horizon, action_dim), -0.5)
         return Plan(actions=best, best=best, mean=mean, std=torch.ones_like(mean), score=0.0)
 
@@ -513,3 +515,65 @@ def test_cem_executes_its_best_sequence_or_with_act_mean_its_elite_mean(act, exp
     )
     assert out["plans"] == 2  # replans after every `execute` actions
     assert np.allclose(np.stack(env.actions), expected)
+
+
+class _DistanceScorer(_IdleScorer):
+    """An idle scorer whose target distance reads the given values, one per call."""
+
+    def __init__(self, distances):
+        self.read = list(distances)
+        self.calls = 0
+
+    def distance(self, frames):
+        self.calls += 1
+        return torch.full((frames.shape[0],), self.read.pop(0))
+
+
+@pytest.mark.parametrize(
+    "near_planner, expected", [(None, ["cem", "cem", "cem"]), ("mppi", ["cem", "mppi", "cem"])]
+)
+def test_near_planner_plans_while_the_real_frame_is_near_the_target(near_planner, expected, monkeypatch):
+    import selfflow_world.plan as plan_module
+    from selfflow_world.agents import Plan
+
+    used = []
+
+    def fake_planner(cfg, scorer, action_dim, generator, init_mean, name=None):
+        used.append(name or cfg.planner)
+        zero = torch.zeros(cfg.horizon, action_dim)
+        return Plan(actions=zero, best=zero, mean=zero, std=torch.ones_like(zero), score=0.0)
+
+    monkeypatch.setattr(plan_module, "_planner", fake_planner)
+    cfg = PlanConfig(
+        out="unused",
+        task="reward",
+        planner="cem",
+        near_planner=near_planner,
+        near_distance=0.1,
+        horizon=2,
+        execute=1,
+    )
+    scorer = _DistanceScorer([0.3, 0.05, 0.1])  # far, near, at the switch distance (not below it)
+    out = plan_module.control(
+        cfg,
+        _RecordingEnv(),
+        _pixel_world_model(),
+        "model",
+        scorer,
+        np.zeros((2, 32, 32, 3), np.uint8),
+        np.zeros((2, 2), np.float32),
+        physics=None,
+        env_seed=0,
+        steps=3,
+    )
+    assert used == expected
+    assert out["near_plans"] == expected.count("mppi")
+    assert scorer.calls == (3 if near_planner else 0)  # the distance is only read to choose
+
+
+def test_near_planner_needs_the_target_score(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="near_planner .* needs task=reward with score=target"):
+        run_plan(
+            PlanConfig(ckpt=str(tiny_run), task="goal", near_planner="mppi", out=str(tmp_path)),
+            progress=False,
+        )
