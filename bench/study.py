@@ -2,9 +2,10 @@
 
 Trains every arm x seed with ``sfw train`` (resumable: rerun the same command to continue), evaluates
 each final checkpoint with ``sfw eval`` on held-out episodes (and, with ``--plan-episodes``, plans
-goal-reaching episodes with it), and writes ``study.md`` (the table), ``study.json`` and
-``study_curves.png`` (validation curves per arm, mean over seeds with a min-max band) into
-``--out``. Outcomes per arm: validation flow loss, one-step validation PSNR, action sensitivity and
+goal-reaching episodes with it: with ``--plan-probe``, ``sfw plan``'s default search and state
+score, every arm's imagined frames read by that one probe; else a quick search on the pixel
+score), and writes ``study.md`` (the table), ``study.json`` and ``study_curves.png`` (validation
+curves per arm, mean over seeds with a min-max band) into ``--out``. Outcomes per arm: validation flow loss, one-step validation PSNR, action sensitivity and
 action gap over training steps, with wall-clock per step; at the end PSNR and probed state error at
 horizon 8, the action-following ratio, the linear-probe R^2 of the physics state from the features
 and the goal-reaching success; and the steps and wall-clock ``selfflow`` needs to reach ``flow``'s
@@ -12,6 +13,7 @@ final validation PSNR, per seed, as ratios to flow's.
 
     python bench/study.py --data data/reacher --test data/reacher_test --steps 1500 --seeds 0,1
     python bench/study.py ... --extra objective.t_one=0.5       # any sfw train override for all arms
+    python bench/study.py ... --plan-episodes 20 --plan-probe reacher-easy   # goal planning, one probe for all
 
 A `small` step at batch 16 on 2 CPU cores takes 0.4-0.7 s (flow; selfflow about 1.2x), so 3 arms x
 2 seeds x 1000-1500 steps take 1-1.5 hours with the evaluations (BENCHMARKS.md, docs/study.md).
@@ -94,6 +96,12 @@ def main() -> None:
         default=0,
         help="goal-reaching episodes planned with each final model (plan.QUICK_GOAL_SEARCH; 0 = none)",
     )
+    p.add_argument(
+        "--plan-probe",
+        default="",
+        help="plan with sfw plan's default search and state score, every arm reading its frames with this "
+        "probe (a model that ships one, e.g. reacher-easy, or a kept .pt); default: the quick pixel search",
+    )
     p.add_argument("--extra", nargs="*", default=[], help="sfw train overrides applied to every arm")
     p.add_argument(
         "--report-only", action="store_true", help="skip training and evaluation, rebuild the table"
@@ -155,7 +163,11 @@ def main() -> None:
                         "task=goal",
                         f"episodes={args.plan_episodes}",
                         "arms=[model]",
-                        *(f"{k}={v}" for k, v in QUICK_GOAL_SEARCH.items()),
+                        *(
+                            ["score=state", f"probe={args.plan_probe}"]
+                            if args.plan_probe
+                            else [f"{k}={v}" for k, v in QUICK_GOAL_SEARCH.items()]
+                        ),
                         "videos=0",
                         f"out={run / 'plan'}",
                     ],

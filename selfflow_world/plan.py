@@ -88,6 +88,7 @@ class PlanConfig:
     score: str = "auto"  # goal: state (default), features or pixels; reward: target (default) or reward
     pixel_blur: list[int] = field(default_factory=lambda: [0])  # pixels: box-blur radii averaged
     probe_data: str = ""  # state: dataset whose real frames train the probe ("": the model's data)
+    probe: str = ""  # state/target: read frames with this probe (a kept .pt, or a model that ships one)
     probe_frames: int = 12000
     probe_epochs: int = 15
     probe_imagined: int = 3000  # state: clips whose imagined frames (1..horizon steps) it also fits
@@ -502,19 +503,21 @@ def _probe_from(meta: dict, weights: dict):
 
 
 def shipped_probe_dir(wm, score: str = "state") -> Path | None:
-    """The checkpoint directory of ``wm`` if the probe of ``score`` is stored beside its weights
-    (:func:`ship_probe`), else None; reads no weights."""
+    """The checkpoint directory of ``wm`` (a model, or where one is: a shipped model's name, a run or
+    checkpoint directory) if the probe of ``score`` is stored beside its weights (:func:`ship_probe`),
+    else None; reads no weights."""
     from selfflow_world.checkpoint import resolve_checkpoint
 
     try:
-        ckpt = resolve_checkpoint(wm.source)
+        ckpt = resolve_checkpoint(wm if isinstance(wm, (str, Path)) else wm.source)
     except UserError:  # a model built in memory
         return None
     return ckpt if all((ckpt / name).is_file() for name in PROBE_FILES[score]) else None
 
 
 def shipped_probe(wm, score: str = "state"):
-    """The probe of ``score`` stored beside ``wm``'s weights (:func:`ship_probe`) and its json, or None."""
+    """The probe of ``score`` stored beside ``wm``'s weights (:func:`ship_probe`; ``wm`` as in
+    :func:`shipped_probe_dir`) and its json, or None."""
     from safetensors.torch import load_file
 
     ckpt = shipped_probe_dir(wm, score)
@@ -525,10 +528,40 @@ def shipped_probe(wm, score: str = "state"):
     return _probe_from(meta, load_file(str(ckpt / weights))), meta
 
 
+def given_probe(source: str, wm, score: str):
+    """The probe of ``score`` from ``source``: a probe a plan kept (``out/<score>_probe.pt``) or a
+    model that ships one (its name, run or checkpoint directory), to read ``wm``'s frames with: one
+    instrument for several models. Returns the probe (on ``wm``'s device) and the report's entry."""
+    path = Path(source)
+    if path.suffix == ".pt" and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        probe, report = _probe_from(saved, saved["weights"]), saved["report"]
+    else:
+        found = shipped_probe(source, score)
+        if found is None:
+            raise UserError(
+                f"probe={source} is neither a kept probe file (<plan out>/{score}_probe.pt) nor a model that "
+                f"ships a {score} probe ({' and '.join(PROBE_FILES[score])} beside its weights)"
+            )
+        probe, report = found[0], found[1]["report"]
+    if report.get("score", "state") != score:
+        raise UserError(
+            f"probe={source} is a {report.get('score', 'state')} probe, score={score} needs a {score} one"
+        )
+    size = tuple(probe.image_size)
+    if size[-1] != wm.config.image_size:
+        raise UserError(
+            f"probe={source} reads {size[-1]}x{size[-1]} frames, the model imagines "
+            f"{wm.config.image_size}x{wm.config.image_size}"
+        )
+    return probe.to(wm.device), {**report, "probe_from": str(source)}
+
+
 def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
     """The probe of the ``state`` score (joint positions) or the ``target`` score (the
     effector-to-target vector, :data:`TARGET_VECTORS`). Without ``cfg.probe_data``, the probe
-    shipped with the model if it has one (:func:`ship_probe`); otherwise fitted on the real frames
+    shipped with the model if it has one (:func:`ship_probe`); with ``cfg.probe``, that one
+    (:func:`given_probe`); otherwise fitted on the real frames
     (and, with ``probe_imagined``, the imagined ones) of ``cfg.probe_data`` (default: the dataset
     the model was trained on) and kept in ``out/<score>_probe.pt``, which a rerun with ``resume``
     loads. Returns the probe (on the model's device) and what the report says of it."""
@@ -540,6 +573,8 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
         train_state_probe,
     )
 
+    if cfg.probe:
+        return given_probe(cfg.probe, wm, score)
     if not cfg.probe_data:
         found = shipped_probe(wm, score)
         if found is not None:

@@ -226,6 +226,51 @@ def test_a_probe_shipped_with_the_model_is_used_without_data(tiny_run, tmp_path)
     assert "shipped with the model" in (tmp_path / "shipped" / "report.md").read_text()
 
 
+def test_a_given_probe_reads_another_models_frames_without_data(tiny_run, tmp_path):
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.plan import ship_probe
+
+    cfg = _tiny_state_plan(tiny_run, tmp_path / "fit", probe_epochs=1)
+    fitted = run_plan(cfg, progress=False)
+    kept = tmp_path / "fit" / "state_probe.pt"
+    shipper = tmp_path / "shipper"  # a model that ships the probe
+    shutil.copytree(resolve_checkpoint(tiny_run), shipper)
+    ship_probe(kept, shipper)
+    other = tmp_path / "other"  # another model, whose training data is not on this machine
+    shutil.copytree(resolve_checkpoint(tiny_run), other)
+    meta = json.loads((other / "meta.json").read_text())
+    meta["config"]["data"] = str(tmp_path / "gone")
+    (other / "meta.json").write_text(json.dumps(meta))
+    for n, source in enumerate([kept, shipper]):
+        given = PlanConfig(
+            **{**cfg.__dict__, "ckpt": str(other), "out": str(tmp_path / f"p{n}"), "probe": str(source)}
+        )
+        report = run_plan(given, progress=False)
+        assert report["state_probe"]["probe_from"] == str(source)
+        assert report["state_probe"]["floor_rmse"] == fitted["state_probe"]["floor_rmse"]
+        assert not (tmp_path / f"p{n}" / "state_probe.pt").exists()  # nothing fitted
+    for source, message in [
+        (tmp_path / "nope.pt", "neither a kept probe file"),
+        (tmp_path / "other", "neither a kept probe file"),  # a model without one
+    ]:
+        bad = PlanConfig(
+            **{**cfg.__dict__, "ckpt": str(other), "out": str(tmp_path / "bad"), "probe": str(source)}
+        )
+        with pytest.raises(UserError, match=message):
+            run_plan(bad, progress=False)
+    target = PlanConfig(
+        **{
+            **cfg.__dict__,
+            "ckpt": str(other),
+            "out": str(tmp_path / "t"),
+            "task": "reward",
+            "score": "target",
+        }
+    )
+    with pytest.raises(UserError, match="is a state probe, score=target needs a target one"):
+        run_plan(PlanConfig(**{**target.__dict__, "probe": str(kept)}), progress=False)
+
+
 def test_imagined_probe_frames_are_the_models_rollouts_paired_with_recorded_states(tiny_run, tiny_dataset):
     from selfflow_world.clips import ClipDataset, ClipSpec
     from selfflow_world.evaluate import StateMap, imagined_probe_data, probe_splits
