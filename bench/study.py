@@ -5,10 +5,10 @@ each final checkpoint with ``sfw eval`` on held-out episodes (and, with ``--plan
 goal-reaching episodes with it: with ``--plan-probe``, ``sfw plan``'s default search and state
 score, every arm's imagined frames read by that one probe; else a quick search on the pixel
 score), and writes ``study.md`` (the table), ``study.json`` and ``study_curves.png`` (validation
-curves per arm, mean over seeds with a min-max band) into ``--out``. Outcomes per arm: validation flow loss, one-step validation PSNR, action sensitivity and
-action gap over training steps, with wall-clock per step; at the end PSNR and probed state error at
-horizon 8, the action-following ratio, the linear-probe R^2 of the physics state from the features
-and the goal-reaching success; and the steps and wall-clock ``selfflow`` needs to reach ``flow``'s
+curves per arm, mean over seeds with a min-max band) into ``--out``. Outcomes per arm: validation
+flow loss, one-step validation PSNR, action sensitivity and action gap over training steps, with
+wall-clock per step; at the end PSNR and probed state error at horizon 8, the action-following
+ratio, the linear-probe R^2 of the physics state from the features and the goal-reaching success; and the steps and wall-clock ``selfflow`` needs to reach ``flow``'s
 final validation PSNR, per seed, as ratios to flow's.
 
     python bench/study.py --data data/reacher --test data/reacher_test --steps 1500 --seeds 0,1

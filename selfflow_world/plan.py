@@ -684,6 +684,17 @@ def _planner(
     )
 
 
+def _planner_name(cfg: PlanConfig, scorer, frame: np.ndarray, device) -> str:
+    """``cfg.near_planner`` while the target distance ``scorer.distance`` reads off the latest real
+    ``frame`` is below ``cfg.near_distance``, else ``cfg.planner`` (which needs no reading)."""
+    from selfflow_world.video import to_float
+
+    if cfg.near_planner is None:
+        return cfg.planner
+    near = float(scorer.distance(to_float(frame[None]).to(device))[0]) < cfg.near_distance
+    return cfg.near_planner if near else cfg.planner
+
+
 def control(
     cfg: PlanConfig,
     env,
@@ -728,25 +739,15 @@ def control(
                 else:
                     scorer.begin(ctx, ctx_a, env.get_physics_state(), env_seed)
                 before = scorer.frames
-                name = cfg.planner
-                if cfg.near_planner is not None:
-                    # how far the finger is from the target now, read off the latest real frame
-                    from selfflow_world.video import to_float
-
-                    if (
-                        float(scorer.distance(to_float(frames[-1][None]).to(wm.device))[0])
-                        < cfg.near_distance
-                    ):
-                        name = cfg.near_planner
-                        near_plans += 1
+                name = _planner_name(cfg, scorer, frames[-1], wm.device)
+                near_plans += name != cfg.planner
                 plan = _planner(cfg, scorer, wm.config.action_dim, gen, mean, name)
                 plan_time += time.perf_counter() - t0
                 imagined_frames += scorer.frames - before
                 plans += 1
                 mean = shift_plan(plan.mean, cfg.execute)
-                # MPPI always executes its mean (its plan.actions); CEM its best sequence or, with
-                # act=mean, the refitted mean of its elites, which averages out candidates that won
-                # on sampler noise alone
+                # MPPI always executes its mean; CEM its best sequence or, with act=mean, the refitted
+                # mean of its elites, which averages out candidates that won on sampler noise alone
                 executed = plan.mean if cfg.act == "mean" else plan.actions
                 chosen = executed[: cfg.execute]
                 queue = list(wm.denormalize_actions(chosen.to(wm.device)).cpu().numpy())
