@@ -22,6 +22,7 @@ plan), and all tensors live on that generator's device (CPU or CUDA). Scoring ru
 Between control steps, :func:`shift_plan` warm-starts the next search from the previous plan (pass
 the result as ``init_mean``). :func:`colored_noise` draws the temporally correlated sampling noise
 (power spectrum ``1 / f**beta`` along the horizon) that both planners use when ``noise_beta > 0``.
+:func:`with_action_cost` adds a control cost to a score (small actions win ties).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor
 
 from selfflow_world.errors import UserError
 
-__all__ = ["Plan", "Score", "cem", "colored_noise", "mppi", "shift_plan"]
+__all__ = ["Plan", "Score", "cem", "colored_noise", "mppi", "shift_plan", "with_action_cost"]
 
 Score = Callable[[Tensor], Tensor]
 """``score(actions (N, H, A)) -> (N,)``: one finite score per action sequence, higher is better."""
@@ -267,6 +268,24 @@ def shift_plan(mean: Tensor, steps: int = 1, fill: float | Tensor | None = 0.0) 
     out[: horizon - steps] = mean[steps:]
     out[horizon - steps :] = tail
     return out
+
+
+def with_action_cost(score: Score, weight: float) -> Score:
+    """``score`` minus a control cost: ``weight * sum over steps and dimensions of actions**2``
+    (normalised units), so that between sequences the score cannot tell apart, the gentler one wins.
+
+    Near a target, where every candidate scores about the same and the winner is decided by noise
+    in the imagined frames, the cost prefers small actions (holding still) over the random torques
+    of a lucky candidate. ``weight = 0`` returns ``score`` itself.
+    """
+    weight = _nonnegative_number("weight", weight)
+    if weight == 0:
+        return score
+
+    def penalised(actions: Tensor) -> Tensor:
+        return score(actions) - weight * actions.pow(2).sum(dim=(1, 2)).to(actions.dtype)
+
+    return penalised
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
     python bench/bench_plan.py --settings 32x3x2 --score state --pixel-weight 0 --probe-imagined 0
     python bench/bench_plan.py --task reward --score target --episodes 5 --arms model,random
     python bench/bench_plan.py --task reward --score target --near-planner mppi --near-distance 0.12
+    python bench/bench_plan.py --task reward --score target --action-cost 0.01
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def main() -> None:
         choices=["best", "mean"],
         help="CEM: execute the best sequence or the elite mean",
     )
+    p.add_argument(
+        "--action-cost",
+        type=float,
+        default=0.0,
+        help="score minus this x the sum of squared normalised actions (small actions win ties)",
+    )
     p.add_argument("--common-noise", action="store_true", help="every candidate from the same sampler noise")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/bench_plan")
@@ -89,6 +96,7 @@ def main() -> None:
         f"), {args.episodes} episodes, {args.sampler_steps} sampler step(s), "
         f"{args.execute} action(s) per plan{', common noise' if args.common_noise else ''}"
         f"{', executes the elite mean' if args.act == 'mean' else ''}"
+        f"{f', action cost {args.action_cost:g}' if args.action_cost else ''}"
         f"{f', {args.near_planner} within {args.near_distance:g} of the target' if args.near_planner else ''}"
     )
     outcome = "success" if args.task == "goal" else "return"
@@ -104,6 +112,8 @@ def main() -> None:
         tag += f"-near-{args.near_planner}{args.near_distance:g}"
     if "mppi" in (args.planner, args.near_planner) and args.temperature != 0.1:
         tag += f"-temp{args.temperature:g}"
+    if args.action_cost:
+        tag += f"-ac{args.action_cost:g}"
     tag = tag if blur == [0] else f"{tag}-blur{'-'.join(map(str, blur))}"
     if args.score == "state" and args.pixel_weight:
         tag += f"-px{args.pixel_weight:g}"
@@ -134,6 +144,7 @@ def main() -> None:
             execute=args.execute,
             act=args.act,
             common_noise=args.common_noise,
+            action_cost=args.action_cost,
             temperature=args.temperature,
             near_planner=args.near_planner,
             near_distance=args.near_distance,

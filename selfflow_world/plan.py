@@ -109,6 +109,7 @@ class PlanConfig:
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
     execute: int = 2  # actions executed per plan
+    action_cost: float = 0.0  # score minus this x the sum of squared (normalised) actions of a sequence
     act: str = "best"  # CEM: execute the best sequence scored (best) or the final elite mean (mean)
     common_noise: bool = False  # every candidate imagined from the same sampler noise per step
     sampler_steps: int = 1
@@ -177,12 +178,15 @@ class PlanConfig:
                 f"probe_imagined must be an integer >= 0 (clips of imagined frames for the state probe), "
                 f"got {self.probe_imagined!r}"
             )
-        if (
-            isinstance(self.pixel_weight, bool)
-            or not isinstance(self.pixel_weight, (int, float))
-            or self.pixel_weight < 0
-        ):
-            raise UserError(f"pixel_weight must be a number >= 0, got {self.pixel_weight!r}")
+        for name in ("pixel_weight", "action_cost"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise UserError(f"{name} must be a number >= 0, got {value!r}")
 
     def resolved_score(self, env_name: str) -> str:
         """The score ``auto`` stands for in ``env_name``: goal: state; reward: target where the env
@@ -654,11 +658,12 @@ def _planner(
     name: str | None = None,
 ):
     """One plan with planner ``name`` (default ``cfg.planner``)."""
-    from selfflow_world.agents.planners import cem, mppi
+    from selfflow_world.agents.planners import cem, mppi, with_action_cost
 
+    score = with_action_cost(scorer, cfg.action_cost)
     if (name or cfg.planner) == "cem":
         return cem(
-            scorer,
+            score,
             cfg.horizon,
             action_dim,
             population=cfg.population,
@@ -671,7 +676,7 @@ def _planner(
             momentum=0.1,
         )
     return mppi(
-        scorer,
+        score,
         cfg.horizon,
         action_dim,
         population=cfg.population,

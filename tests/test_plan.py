@@ -342,6 +342,8 @@ def test_reward_planning_needs_heads_and_uses_them(tiny_run, tiny_dataset, tmp_p
         ({"task": "goal", "score": "target"}, "does not fit"),
         ({"probe_epochs": 0}, "probe_epochs must be a positive integer"),
         ({"pixel_weight": -1.0}, "pixel_weight must be a number >= 0"),
+        ({"action_cost": -0.01}, "action_cost must be a number >= 0"),
+        ({"action_cost": float("nan")}, "action_cost must be a number >= 0"),
         ({"probe_imagined": -3}, "probe_imagined must be an integer >= 0"),
         ({"arms": ["oracle"]}, "arms must be"),
         ({"out": "???"}, "out= is required"),

@@ -3,10 +3,12 @@ the refusal of bad input. Everything is tiny: a few hundred sequences of 5 steps
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from selfflow_world.agents import Plan, cem, colored_noise, mppi, shift_plan
+from selfflow_world.agents import Plan, cem, colored_noise, mppi, shift_plan, with_action_cost
 from selfflow_world.errors import UserError
 
 H, A = 5, 2
@@ -89,6 +91,31 @@ def test_an_optimum_outside_the_bounds_gives_a_plan_on_the_bound(low, high, corn
 
 
 # -- warm start ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("run", [run_cem, partial(run_mppi, temperature=0.2)])
+def test_an_action_cost_moves_the_optimum_towards_zero_and_decides_a_flat_score(run):
+    # -(a - t)^2 - w a^2 peaks at a = t / (1 + w); MPPI's temperature doubles with the score's curvature
+    plan = run(with_action_cost(quadratic(TARGET), 1.0))
+    assert (plan.mean - TARGET / 2).abs().max() < 0.15
+    # a score that cannot tell sequences apart: the cost alone picks the gentlest one
+    flat = run(
+        with_action_cost(lambda actions: torch.zeros(actions.shape[0]), 1.0),
+        init_mean=torch.full((H, A), 0.6),
+    )
+    assert flat.mean.abs().max() < 0.15
+    scored = torch.rand(4, H, A)
+    assert torch.allclose(
+        with_action_cost(quadratic(TARGET), 0.5)(scored),
+        quadratic(TARGET)(scored) - 0.5 * scored.pow(2).sum((1, 2)),
+    )
+
+
+def test_a_zero_action_cost_is_the_score_itself_and_a_negative_one_is_refused():
+    score = quadratic(TARGET)
+    assert with_action_cost(score, 0.0) is score
+    with pytest.raises(UserError, match="weight must be a finite number >= 0"):
+        with_action_cost(score, -1.0)
+
+
 def test_shift_plan_shifts_and_fills():
     plan = torch.arange(10.0).reshape(5, 2)
     before = plan.clone()
