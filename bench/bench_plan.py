@@ -12,6 +12,7 @@ are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
     python bench/bench_plan.py --task reward --score target --episodes 5 --arms model,random
     python bench/bench_plan.py --task reward --score target --near-planner mppi --near-distance 0.12
     python bench/bench_plan.py --task reward --score target --action-cost 0.01
+    python bench/bench_plan.py --ckpt runs/reacher_ih --probe reacher-easy --task reward --score target
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def main() -> None:
         help="state/target score: dataset whose frames and states train the probe (default: the model's data)",
     )
     p.add_argument(
+        "--probe",
+        default="",
+        help="state/target score: read frames with this probe (a kept .pt, or a model that ships one, e.g. reacher-easy)",
+    )
+    p.add_argument(
         "--probe-imagined",
         type=int,
         default=3000,
@@ -77,7 +83,11 @@ def main() -> None:
     )
     p.add_argument("--common-noise", action="store_true", help="every candidate from the same sampler noise")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="runs/bench_plan")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results root (default runs/bench_plan/<the ckpt's name>; one folder per setting, resumable)",
+    )
     args = p.parse_args()
 
     import torch
@@ -86,6 +96,8 @@ def main() -> None:
     from selfflow_world.runtime import resolve_device
     from selfflow_world.world_model import WorldModel
 
+    if args.out is None:  # results of different models never mix on resume
+        args.out = os.path.join("runs", "bench_plan", os.path.basename(os.path.normpath(args.ckpt)))
     device = resolve_device(args.device)
     wm = WorldModel.load(args.ckpt, device=device)
     cpu = platform.processor() or platform.machine()
@@ -128,6 +140,7 @@ def main() -> None:
             score=args.score,
             pixel_blur=blur,
             probe_data=args.probe_data,
+            probe=args.probe,
             pixel_weight=args.pixel_weight,
             probe_imagined=args.probe_imagined,
             episodes=args.episodes,
