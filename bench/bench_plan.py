@@ -10,6 +10,7 @@ are kept per episode under ``--out/<setting>/`` (resumable: rerun to continue).
     python bench/bench_plan.py --settings 16x5x2,64x5x3 --score pixels --arms model,simulator
     python bench/bench_plan.py --settings 32x3x2 --score state --pixel-weight 0 --probe-imagined 0
     python bench/bench_plan.py --task reward --score target --episodes 5 --arms model,random
+    python bench/bench_plan.py --task reward --score target --near-planner none  # CEM alone
     python bench/bench_plan.py --task reward --score target --near-planner mppi --near-distance 0.12
     python bench/bench_plan.py --task reward --score target --action-cost 0.01
     python bench/bench_plan.py --ckpt runs/reacher_ih --probe reacher-easy --task reward --score target
@@ -37,11 +38,12 @@ def main() -> None:
     p.add_argument("--task", default="goal", choices=["goal", "reward"])
     p.add_argument(
         "--near-planner",
-        default=None,
-        choices=["cem", "mppi"],
-        help="reward/target: plan with this planner while the real finger is within --near-distance of the target",
+        default="auto",
+        choices=["auto", "none", "cem", "mppi"],
+        help="reward/target: plan with this planner while the real finger is within --near-distance of "
+        "the target (auto: mppi with the target score, as sfw plan)",
     )
-    p.add_argument("--near-distance", type=float, default=0.12)
+    p.add_argument("--near-distance", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=0.1, help="MPPI: softmax temperature, score units")
     p.add_argument("--score", default="state", help="goal: state|pixels|features; reward: target|reward")
     p.add_argument(
@@ -96,6 +98,10 @@ def main() -> None:
     from selfflow_world.runtime import resolve_device
     from selfflow_world.world_model import WorldModel
 
+    if args.near_planner == "auto":  # as PlanConfig.resolved_near_planner
+        args.near_planner = "mppi" if (args.task, args.score) == ("reward", "target") else None
+    elif args.near_planner == "none":
+        args.near_planner = None
     if args.out is None:  # results of different models never mix on resume
         args.out = os.path.join("runs", "bench_plan", os.path.basename(os.path.normpath(args.ckpt)))
     device = resolve_device(args.device)

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,10 @@ class PlanConfig:
     iterations: int = 2
     elites: int = 4
     # reward task, target score: plan with this planner (cem|mppi) while the finger-to-target distance
-    # the probe reads off the latest real frame is below near_distance, with ``planner`` otherwise
-    near_planner: str | None = None
-    near_distance: float = 0.12
+    # the probe reads off the latest real frame is below near_distance, with ``planner`` otherwise;
+    # auto: mppi with the target score (it holds the target, CEM approaches it), none otherwise
+    near_planner: str | None = "auto"
+    near_distance: float = 0.05
     temperature: float = 0.1  # MPPI
     noise_std: float = 0.5  # MPPI sampling std (normalised units)
     noise_beta: float = 1.0  # temporally correlated sampling noise (iCEM), 0 = white
@@ -129,8 +130,10 @@ class PlanConfig:
             raise UserError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.planner not in PLANNERS:
             raise UserError(f"planner must be one of {PLANNERS}, got {self.planner!r}")
-        if self.near_planner is not None and self.near_planner not in PLANNERS:
-            raise UserError(f"near_planner must be one of {PLANNERS} or null, got {self.near_planner!r}")
+        if self.near_planner is not None and self.near_planner not in (*PLANNERS, "auto"):
+            raise UserError(
+                f"near_planner must be one of {(*PLANNERS, 'auto')} or null, got {self.near_planner!r}"
+            )
         if self.act not in ACTS:
             raise UserError(f"act must be one of {ACTS}, got {self.act!r}")
         if self.score not in SCORES:
@@ -187,6 +190,12 @@ class PlanConfig:
                 or value < 0
             ):
                 raise UserError(f"{name} must be a number >= 0, got {value!r}")
+
+    def resolved_near_planner(self, score: str | None) -> str | None:
+        """The planner used near the target: ``auto`` is mppi with the target score, else none."""
+        if self.near_planner == "auto":
+            return "mppi" if score == "target" else None
+        return self.near_planner
 
     def resolved_score(self, env_name: str) -> str:
         """The score ``auto`` stands for in ``env_name``: goal: state; reward: target where the env
@@ -690,14 +699,16 @@ def _planner(
 
 
 def _planner_name(cfg: PlanConfig, scorer, frame: np.ndarray, device) -> str:
-    """``cfg.near_planner`` while the target distance ``scorer.distance`` reads off the latest real
-    ``frame`` is below ``cfg.near_distance``, else ``cfg.planner`` (which needs no reading)."""
+    """``cfg.near_planner`` (``auto`` resolved by the scorer's score) while the target distance
+    ``scorer.distance`` reads off the latest real ``frame`` is below ``cfg.near_distance``, else
+    ``cfg.planner`` (which needs no reading)."""
     from selfflow_world.video import to_float
 
-    if cfg.near_planner is None:
+    near_planner = cfg.resolved_near_planner(getattr(scorer, "score", None))
+    if near_planner is None:
         return cfg.planner
     near = float(scorer.distance(to_float(frame[None]).to(device))[0]) < cfg.near_distance
-    return cfg.near_planner if near else cfg.planner
+    return near_planner if near else cfg.planner
 
 
 def control(
@@ -828,11 +839,12 @@ def run_plan(cfg: PlanConfig, wm=None, progress: bool = True) -> dict[str, Any]:
     if trained_env and env_name != trained_env:
         warnings.warn(f"planning in {env_name} with a model trained on {trained_env}", stacklevel=2)
     score = cfg.resolved_score(env_name)
-    if cfg.near_planner is not None and score != "target":
+    if cfg.near_planner is not None and cfg.near_planner != "auto" and score != "target":
         raise UserError(
             f"near_planner switches planners by the probed distance to the target: it needs task=reward "
             f"with score=target (in {'|'.join(TARGET_VECTORS)}), got task={cfg.task} score={score}"
         )
+    cfg = replace(cfg, near_planner=cfg.resolved_near_planner(score))
     if score == "reward" and wm.heads is None:
         raise UserError(missing_heads_message(cfg.ckpt))
     render = wm.meta.get("render", {})

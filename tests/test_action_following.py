@@ -53,7 +53,13 @@ def test_flow_error_weightings_on_known_inputs():
 def test_default_objective_is_the_measured_choice():
     # docs/study.md: flow at t_one 1 (the shipped models' recipe) against t_one 0.25 and selfflow
     cfg = ObjectiveConfig()
-    assert (cfg.mode, cfg.weighting, cfg.t_one, cfg.time_dist, cfg.shift) == ("flow", "x", 1.0, "uniform", 1.0)
+    assert (cfg.mode, cfg.weighting, cfg.t_one, cfg.time_dist, cfg.shift) == (
+        "flow",
+        "x",
+        1.0,
+        "uniform",
+        1.0,
+    )
     assert load_config("train", [], TrainConfig).objective == cfg  # sfw train's default is the same
     # DTS and Self-Flow keep partly noisy targets by default: at t_one = 1 they would be plain flow
     for mode in ("dts", "selfflow"):

@@ -618,6 +618,23 @@ def test_near_planner_plans_while_the_real_frame_is_near_the_target(near_planner
     assert scorer.calls == (3 if near_planner else 0)  # the distance is only read to choose
 
 
+@pytest.mark.parametrize(
+    "near_planner, score, expected",
+    [
+        ("auto", "target", "mppi"),  # the default: CEM approaches the target, MPPI holds it
+        ("auto", "reward", None),
+        ("auto", "state", None),
+        (None, "target", None),
+        ("cem", "target", "cem"),
+    ],
+)
+def test_auto_near_planner_is_mppi_with_the_target_score_only(near_planner, score, expected):
+    cfg = PlanConfig(out="unused", task="reward", near_planner=near_planner)
+    cfg.check()
+    assert cfg.resolved_near_planner(score) == expected
+    assert PlanConfig().near_planner == "auto" and PlanConfig().near_distance == 0.05
+
+
 def test_near_planner_needs_the_target_score(tiny_run, tmp_path):
     with pytest.raises(UserError, match="near_planner .* needs task=reward with score=target"):
         run_plan(
