@@ -698,17 +698,18 @@ def _planner(
     )
 
 
-def _planner_name(cfg: PlanConfig, scorer, frame: np.ndarray, device) -> str:
-    """``cfg.near_planner`` (``auto`` resolved by the scorer's score) while the target distance
-    ``scorer.distance`` reads off the latest real ``frame`` is below ``cfg.near_distance``, else
-    ``cfg.planner`` (which needs no reading)."""
+def _planner_name(cfg: PlanConfig, scorer, frame: np.ndarray, device) -> tuple[str, bool]:
+    """The planner of the next plan and whether the finger is near the target: ``cfg.near_planner``
+    (``auto`` resolved by the scorer's score) while the target distance ``scorer.distance`` reads
+    off the latest real ``frame`` is below ``cfg.near_distance``, else ``cfg.planner`` (without a
+    near planner nothing is read and ``near`` is False)."""
     from selfflow_world.video import to_float
 
     near_planner = cfg.resolved_near_planner(getattr(scorer, "score", None))
     if near_planner is None:
-        return cfg.planner
+        return cfg.planner, False
     near = float(scorer.distance(to_float(frame[None]).to(device))[0]) < cfg.near_distance
-    return near_planner if near else cfg.planner
+    return (near_planner if near else cfg.planner), near
 
 
 def control(
@@ -755,8 +756,8 @@ def control(
                 else:
                     scorer.begin(ctx, ctx_a, env.get_physics_state(), env_seed)
                 before = scorer.frames
-                name = _planner_name(cfg, scorer, frames[-1], wm.device)
-                near_plans += name != cfg.planner
+                name, near = _planner_name(cfg, scorer, frames[-1], wm.device)
+                near_plans += near
                 plan = _planner(cfg, scorer, wm.config.action_dim, gen, mean, name)
                 plan_time += time.perf_counter() - t0
                 imagined_frames += scorer.frames - before
@@ -799,7 +800,7 @@ def control(
             after_first / (taken - first_reward + 1) if first_reward is not None else None
         ),
         "plans": plans,
-        "near_plans": near_plans,  # plans made with cfg.near_planner (near the target)
+        "near_plans": near_plans,  # plans made while the finger read near the target
         "seconds_per_plan": plan_time / plans if plans else 0.0,
         "imagined_frames_per_plan": imagined_frames / plans if plans else 0.0,
     }
@@ -1061,9 +1062,9 @@ def _interval(entry: dict) -> str:
 
 
 def _planner_label(settings: dict) -> str:
-    """``cem``, or ``cem, mppi within 0.12 of the target`` when a near planner is set."""
+    """``cem``, or ``cem, mppi within 0.05 of the target`` when a different near planner is set."""
     near = settings.get("near_planner")
-    if near is None:
+    if near is None or near == settings["planner"]:
         return settings["planner"]
     return f"{settings['planner']}, {near} within {settings['near_distance']:g} of the target"
 
