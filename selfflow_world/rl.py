@@ -22,7 +22,9 @@ t intervals (:func:`~selfflow_world.metrics.mean_ci`).
 
 Written to ``out``: ``policy.zip``, ``tb/``, ``report.json``, ``report.md``, ``returns.png`` and
 ``episode_0000.gif``/``.mp4`` (the policy in the real env beside its imagined episode from the
-same start).
+same start). ``load=FILE`` (an earlier run's ``policy.zip`` or its directory) skips training and
+evaluates that policy again, e.g. over more episodes or longer ones; ``algo``, ``ckpt`` and
+``observation`` must be those it was trained with.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class RLConfig:
     seed: int = 0
     device: str = "auto"
     tensorboard: bool = True
+    load: Optional[str] = None  # noqa: UP045 - a saved policy .zip (or its run directory) to evaluate instead of training
     out: str = "???"
 
     def check(self) -> None:
@@ -108,6 +111,8 @@ class RLConfig:
         check_positive("lr", self.lr)
         if not 0 < self.gamma <= 1:
             raise UserError(f"gamma must be in (0, 1], got {self.gamma}")
+        if self.load in ("", "???"):
+            self.load = None
 
     @property
     def real_steps(self) -> int:
@@ -265,6 +270,19 @@ def evaluate(cfg: RLConfig, agent, wm, out: Path) -> tuple[dict[str, Any], list[
         reward=cfg.reward,
     )
     low, high = env.action_space.low, env.action_space.high
+    expected = dream.observation_space.shape
+    # SB3 stores image spaces channel-first and transposes frames itself: compare sizes, not layouts
+    if (
+        np.prod(agent.observation_space.shape) != np.prod(expected)
+        or agent.action_space.shape != env.action_space.shape
+    ):
+        dream.close()
+        close_env(env)
+        raise UserError(
+            f"the policy observes {agent.observation_space.shape} and acts in {agent.action_space.shape}; "
+            f"observation={cfg.observation} of {cfg.ckpt} gives {expected} and {env_name} takes "
+            f"{env.action_space.shape}: give the ckpt and observation it was trained with"
+        )
 
     def policy(obs, t):
         return agent.predict(obs, deterministic=True)[0]
@@ -360,6 +378,10 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
             "use observation=features or network=mlp"
         )
     out = Path(cfg.out)
+    if cfg.load is not None:  # evaluate a saved policy: nothing is trained or overwritten
+        agent = load_agent(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        return _report(cfg, wm, agent, out, None, str(_policy_file(cfg.load)))
     out.mkdir(parents=True, exist_ok=True)
     venv = DreamVecEnv(
         wm,
@@ -391,8 +413,38 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
         "imagined_return_first_100": float(np.mean([r for _, r in episodes[:100]])) if episodes else None,
         "curve": episodes[:: max(1, len(episodes) // 200)],
     }
+    return _report(cfg, wm, agent, out, training, str(out / "policy.zip"))
+
+
+def _policy_file(path: str) -> Path:
+    """The policy file ``load=`` names: a .zip, or a run directory holding ``policy.zip``."""
+    given = Path(path)
+    found = given / "policy.zip" if given.is_dir() else given
+    if not found.is_file():
+        raise UserError(
+            f"load={path}: no such file; give the policy.zip an earlier sfw rl run saved, or its out directory"
+        )
+    return found
+
+
+def load_agent(cfg: RLConfig):
+    """The SB3 agent saved at ``cfg.load``, loaded as ``cfg.algo`` on the CPU."""
+    from stable_baselines3 import PPO, SAC
+
+    path = _policy_file(str(cfg.load))
+    try:
+        return {"ppo": PPO, "sac": SAC}[cfg.algo].load(path, device="cpu")
+    except Exception as err:  # SB3 raises several types for a file of another algorithm or no policy
+        raise UserError(
+            f"load={cfg.load} does not load as a {cfg.algo} agent ({type(err).__name__}: {err}); "
+            "set algo= to the algorithm it was trained with (ppo or sac)"
+        ) from err
+
+
+def _report(cfg: RLConfig, wm, agent, out: Path, training: dict | None, policy_file: str) -> dict[str, Any]:
+    """Evaluate ``agent`` in the real env; writes report.json, report.md, the plots and videos."""
     rows, videos = evaluate(cfg, agent, wm, out)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "device", "load")}
     settings["policy"] = cfg.resolved_policy
     settings["eval_steps"] = cfg.real_steps  # resolved: the real episodes' length
     report = {
@@ -402,8 +454,9 @@ def run_rl(cfg: RLConfig, wm=None, progress: bool = True) -> dict[str, Any]:
         "settings": settings,
         "training": training,
         "arms": summarise(cfg, rows),
-        "policy_file": str(out / "policy.zip"),
-        "tensorboard": str(out / "tb") if cfg.tensorboard else None,
+        "policy_file": policy_file,
+        "trained_here": training is not None,
+        "tensorboard": str(out / "tb") if cfg.tensorboard and training is not None else None,
         "videos": videos,
     }
     report["plots"] = write_rl_plots(report, out)
@@ -419,12 +472,21 @@ def _ci(mean: float, low: float, high: float) -> str:
     return f"{mean:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def rl_summary(report: dict) -> str:
+def _origin(report: dict) -> str:
+    """How the evaluated policy came to be: trained here (steps, envs, time) or loaded from a file."""
     s, t = report["settings"], report["training"]
-    lines = [
+    if t is None:
+        return f"{s['algo']} ({s['policy']} on {s['observation']}) loaded from {report['policy_file']}"
+    return (
         f"{s['algo']} ({s['policy']} on {s['observation']}) trained {t['agent_steps']} steps in imagination "
-        f"({s['envs']} envs, horizon {s['horizon']}) in {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s); "
-        f"evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of "
+        f"({s['envs']} envs, horizon {s['horizon']}) in {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s)"
+    )
+
+
+def rl_summary(report: dict) -> str:
+    s = report["settings"]
+    lines = [
+        f"{_origin(report)}; evaluated over {next(iter(report['arms'].values()))['episodes']} real episodes of "
         f"{s['eval_steps']} steps in {report['env']}:"
     ]
     longer = s["eval_steps"] != s["horizon"]
@@ -444,13 +506,19 @@ def rl_summary(report: dict) -> str:
 
 def rl_markdown(report: dict) -> str:
     s, t = report["settings"], report["training"]
+    if t is None:
+        origin = f"{s['algo']} with {s['policy']} on {s['observation']}, loaded from {report['policy_file']}."
+    else:
+        origin = (
+            f"{s['algo']} with {s['policy']} on {s['observation']}, {t['agent_steps']} agent steps in {s['envs']} "
+            f"dream envs (horizon {s['horizon']}, {s['sampler_steps']} sampler step(s), starts: {s['start']}), "
+            f"{t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s), {t['imagined_episodes']} imagined episodes, "
+            f"seed {s['seed']}."
+        )
     lines = [
         f"# RL in imagination: {s['algo']} in {report['env']}",
         "",
-        f"Model {report['model']}; {s['algo']} with {s['policy']} on {s['observation']}, {t['agent_steps']} agent "
-        f"steps in {s['envs']} dream envs (horizon {s['horizon']}, {s['sampler_steps']} sampler step(s), starts: "
-        f"{s['start']}), {t['seconds']:.0f} s ({t['steps_per_s']:.0f} steps/s), {t['imagined_episodes']} imagined "
-        f"episodes, seed {s['seed']}.",
+        f"Model {report['model']}; {origin}",
         "",
         "Evaluation: the same seeds for every arm; each episode starts from the env's reset and "
         f"{max(0, report.get('history', 2) - 1)} mid-range step(s) and runs {s['eval_steps']} agent steps "
@@ -466,13 +534,14 @@ def rl_markdown(report: dict) -> str:
             f"{e['return_at_horizon_mean']:.2f} | {e['imagined_return_mean']:.2f} | "
             f"[{e['imagined_return_low']:.2f}, {e['imagined_return_high']:.2f}] |"
         )
-    if t["imagined_return_last_100"] is not None:
+    if t is not None and t["imagined_return_last_100"] is not None:
         lines += [
             "",
             f"Imagined return in training: {t['imagined_return_first_100']:.2f} over the first 100 episodes, "
             f"{t['imagined_return_last_100']:.2f} over the last 100.",
         ]
-    files = ["policy.zip"] + [Path(v).name for v in report.get("videos", [])] + report.get("plots", [])
+    files = ["policy.zip"] if t is not None else []
+    files += [Path(v).name for v in report.get("videos", [])] + report.get("plots", [])
     lines += ["", "Files: " + ", ".join(files) + (", tb/ (TensorBoard)" if report.get("tensorboard") else "")]
     return "\n".join(lines) + "\n"
 
@@ -507,9 +576,11 @@ def write_rl_plots(report: dict, out: Path) -> list[str]:
     bars.set_ylabel("episode return")
     bars.set_title("evaluation in the real env and in imagination (95% CI)")
     bars.legend(fontsize="small")
-    points = report["training"]["curve"]
+    points = report["training"]["curve"] if report["training"] is not None else []
     if points:
         curve.plot([p[0] for p in points], [p[1] for p in points], ".", alpha=0.4, color="tab:orange")
+    elif report["training"] is None:
+        curve.text(0.5, 0.5, "policy loaded, not trained in this run", ha="center", transform=curve.transAxes)
     curve.set_xlabel("agent steps")
     curve.set_ylabel("imagined episode return")
     curve.set_title("training in imagination")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -62,6 +63,20 @@ def test_sfw_rl_trains_in_imagination_and_reports_real_returns(heads_run, tmp_pa
     agent = PPO.load(out / "policy.zip", device="cpu")  # the saved policy acts on the model's features
     assert agent.observation_space.shape == (WorldModel.load(heads_run).config.width,)
 
+    # load= evaluates the saved policy again without training: the same episodes, nothing overwritten
+    saved = (out / "policy.zip").read_bytes()
+    again = tmp_path / "again"
+    assert main(["rl", *overrides[:-1], f"load={out}", f"out={again}", "tensorboard=false"]) == 0
+    assert "ppo (MlpPolicy on features) loaded from" in capsys.readouterr().out
+    second = json.loads((again / "report.json").read_text())
+    assert second["training"] is None and second["trained_here"] is False
+    assert not (again / "policy.zip").exists() and (out / "policy.zip").read_bytes() == saved
+    for arm in ("policy", "random"):
+        assert [e["return"] for e in second["arms"][arm]["per_episode"]] == [
+            e["return"] for e in report["arms"][arm]["per_episode"]
+        ]
+    assert (again / "returns.png").is_file() and "loaded from" in (again / "report.md").read_text()
+
 
 def test_sac_on_frames_with_an_mlp_network(heads_run, tmp_path):
     cfg = RLConfig(
@@ -90,6 +105,13 @@ def test_sac_on_frames_with_an_mlp_network(heads_run, tmp_path):
         for episode in entry["per_episode"]:
             assert episode["imagined_steps"] == 3 and "return_at_horizon" in episode
     assert "real return" in report["summary_text"] and "(first 3 steps:" in report["summary_text"]
+
+    saved = tmp_path / "sac" / "policy.zip"
+    with pytest.raises(UserError, match="does not load as a ppo agent.*set algo= to the algorithm"):
+        run_rl(replace(cfg, algo="ppo", load=str(saved), out=str(tmp_path / "ppo")), progress=False)
+    wrong = r"the policy observes \(3, 16, 16\).*observation=features of .* gives \(\d+,\)"
+    with pytest.raises(UserError, match=wrong):
+        run_rl(replace(cfg, observation="features", load=str(saved), out=str(tmp_path / "f")), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +150,8 @@ def test_missing_heads_small_frames_and_mismatched_datasets_are_refused(
         UserError, match=r"has frames \(24, 24, 3\) and action dim 2; the model expects \(16, 16, 3\)"
     ):
         run_rl(RLConfig(ckpt=str(heads_run), start=str(bigger), envs=2, out=str(tmp_path)), progress=False)
+    with pytest.raises(UserError, match="load=.*nothing.zip: no such file; give the policy.zip"):
+        run_rl(RLConfig(ckpt=str(heads_run), load=str(tmp_path / "nothing.zip"), out=str(tmp_path)))
     cartpole = tmp_path / "cartpole"
     collect(collect_config(cartpole, env="dmc/cartpole-swingup", episodes=1, steps=3), progress=False)
     with pytest.raises(UserError, match="action dim 1; the model expects"):
