@@ -52,6 +52,16 @@ def test_sfw_rl_trains_in_imagination_and_reports_real_returns(heads_run, tmp_pa
         seeds = [e["env_seed"] for e in entry["per_episode"]]
         assert seeds == eval_seeds(RLConfig(eval_episodes=3))  # the same starts for both arms
     assert "| policy | 3 |" in (out / "report.md").read_text()
+    gains = [
+        p["return"] - r["return"]
+        for p, r in zip(*(report["arms"][a]["per_episode"] for a in ("policy", "random")), strict=True)
+    ]
+    assert report["policy_minus_random"]["mean"] == pytest.approx(sum(gains) / 3)
+    low, high = report["policy_minus_random"]["low"], report["policy_minus_random"]["high"]
+    assert (
+        low <= report["policy_minus_random"]["mean"] <= high
+        and "policy minus random on the same starts" in text
+    )
     for name in ("policy.zip", "report.md", "returns.png", "episode_0000.gif"):
         assert (out / name).is_file(), name
     assert list((out / "tb").rglob("events.out.tfevents.*"))
