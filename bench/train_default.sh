@@ -9,22 +9,24 @@
 # same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
 # episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads in the newest
 # checkpoint), <last stage's run>/eval_test (the report on the held-out episodes).
-# Environment: SFW (default .venv/bin/sfw), WORKERS (collection processes, default 2), OBJECTIVE
-# (default flow), BATCH (default 16), EXTRA (more sfw train overrides, space-separated, e.g.
-# "objective.t_one=1.0"), FINETUNE (steps of a second schedule, lr 1e-4, started from the first
+# Environment: SFW (default .venv/bin/sfw), PY (default .venv/bin/python), WORKERS (collection
+# processes, default 2), OBJECTIVE (default flow), BATCH (default 16), EXTRA (more sfw train
+# overrides, space-separated, e.g. "objective.t_one=1.0"), FINETUNE (steps of a second schedule, lr 1e-4, started from the first
 # run's EMA weights in runs/<name>-ft with `sfw train init=`; default 0 = none), IH
-# (imagined_history of a last stage that trains on the model's own predictions, in runs/<name>-ih,
-# started from the previous stage's EMA weights; default 0 = none), IH_STEPS (its steps, default
-# 1200), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1). Heads,
-# evaluation and export use the last stage's run. The shipped models:
+# (imagined_history of the last stages, which train on the model's own predictions, each started
+# from the previous stage's EMA weights: one value or a comma-separated list, one per stage; default
+# 0 = none), IH_STEPS (their steps, one value or one per stage, default 1200), EVAL_STEPS
+# (sampler steps per imagined frame in the evaluation, default 1). Heads, evaluation and export
+# use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 bash bench/train_default.sh reacher-easy 5000
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6 bash bench/train_default.sh cartpole-swingup 5000
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12 IH_STEPS=1200,1600,1200 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 NAME="${1:?usage: bench/train_default.sh reacher-easy|cartpole-swingup [STEPS]}"
 STEPS="${2:-5000}"
 SFW="${SFW:-.venv/bin/sfw}"
+PY="${PY:-.venv/bin/python}"
 WORKERS="${WORKERS:-2}"
 OBJECTIVE="${OBJECTIVE:-flow}"
 BATCH="${BATCH:-16}"
@@ -42,14 +44,27 @@ if [ "$FINETUNE" -gt 0 ]; then
         ckpt_every=250 sample_every=2500 ${EXTRA:-}
     RUN="$RUN-ft"
 fi
-IH="${IH:-0}"
-if [ "$IH" -gt 0 ]; then
-    # training on its own predictions: half the clips get a history the EMA model imagined over up
-    # to IH steps from recorded frames, so the model learns to continue from its own frames
-    $SFW train data="data/$NAME" out="runs/$NAME-ih" init="$RUN" model=small objective="$OBJECTIVE" \
-        steps="${IH_STEPS:-1200}" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="$IH" \
-        imagined_share=0.5 resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
-    RUN="runs/$NAME-ih"
+# training on its own predictions, in stages: half the clips get a history the EMA model imagined
+# over up to IH steps from recorded frames, so the model learns to continue from its own frames.
+# IH and IH_STEPS are comma-separated lists, one entry per stage (IH=6,8 IH_STEPS=1200,1600: 1200
+# steps at 6, then 1600 at 8 from the first stage's EMA weights); the stages train in runs/<name>-ih,
+# runs/<name>-ih2, ...
+IFS=, read -r -a IH_LIST <<< "${IH:-0}"
+IFS=, read -r -a IH_STEP_LIST <<< "${IH_STEPS:-1200}"
+if [ "${IH_LIST[0]}" -gt 0 ]; then
+    if [ "${#IH_STEP_LIST[@]}" -ne 1 ] && [ "${#IH_STEP_LIST[@]}" -ne "${#IH_LIST[@]}" ]; then
+        echo "IH_STEPS=${IH_STEPS} must give one step count, or one per stage of IH=${IH}" >&2
+        exit 2
+    fi
+    for i in "${!IH_LIST[@]}"; do
+        STAGE_STEPS="${IH_STEP_LIST[$i]:-${IH_STEP_LIST[0]}}"
+        OUT="runs/$NAME-ih"
+        if [ "$i" -gt 0 ]; then OUT="runs/$NAME-ih$((i + 1))"; fi
+        $SFW train data="data/$NAME" out="$OUT" init="$RUN" model=small objective="$OBJECTIVE" \
+            steps="$STAGE_STEPS" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="${IH_LIST[$i]}" \
+            imagined_share=0.5 resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
+        RUN="$OUT"
+    done
 fi
 # reward/termination heads on the frozen model (stored in its newest checkpoint; the eval reports them)
 $SFW heads ckpt="$RUN" data="data/$NAME" eval_data="data/${NAME}_test"
@@ -57,5 +72,5 @@ $SFW eval ckpt="$RUN" data="data/${NAME}_test" split=all probe_data="data/$NAME"
     out="$RUN/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
 # the shipped-model directory (bf16 EMA weights, the heads, meta.json, MODEL_CARD.md with the figures above);
 # copy it to selfflow_world/models/$NAME when it measures better than the shipped one
-.venv/bin/python -m selfflow_world.pretrained "$RUN" "$RUN/shipped/$NAME" \
+$PY -m selfflow_world.pretrained "$RUN" "$RUN/shipped/$NAME" \
     --report "$RUN/eval_test/report.json" --hardware "${HARDWARE:-$(nproc) CPU cores, $(uname -m)}"

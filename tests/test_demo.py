@@ -88,3 +88,78 @@ def test_shipped_models_are_small_and_carry_their_heads():
         assert (folder / "MODEL_CARD.md").is_file(), name
         wm = WorldModel.load(name)
         assert wm.heads is not None, f"{name} ships without reward heads (sfw heads)"
+
+
+def _recipe(tmp_path, **env):
+    """Run bench/train_default.sh with stand-ins for sfw and python that log their arguments;
+    returns (exit code, logged commands as lists of words, stderr)."""
+    import os
+    import stat
+    import subprocess
+    from pathlib import Path
+
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "stub"
+    stub.write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    script = Path(__file__).parents[1] / "bench" / "train_default.sh"
+    proc = subprocess.run(
+        ["bash", str(script), "cartpole-swingup", "10"],
+        env={**os.environ, "SFW": str(stub), "PY": str(stub), **env},
+        capture_output=True,
+        text=True,
+    )
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return proc.returncode, calls, proc.stderr
+
+
+def _train_calls(calls):
+    """{out: {key: value}} of the logged `sfw train` calls, in order."""
+    trains = [dict(w.split("=", 1) for w in c[1:] if "=" in w) for c in calls if c[0] == "train"]
+    return [(t["out"], t) for t in trains]
+
+
+def test_recipe_chains_its_imagined_history_stages(tmp_path):
+    code, calls, err = _recipe(tmp_path, FINETUNE="5", IH="6,8,12", IH_STEPS="3,4,5")
+    assert code == 0, err
+    trains = _train_calls(calls)
+    assert [out for out, _ in trains] == [
+        "runs/cartpole-swingup",
+        "runs/cartpole-swingup-ft",
+        "runs/cartpole-swingup-ih",
+        "runs/cartpole-swingup-ih2",
+        "runs/cartpole-swingup-ih3",
+    ]
+    stages = [t for _, t in trains[2:]]
+    assert [s["imagined_history"] for s in stages] == ["6", "8", "12"]
+    assert [s["steps"] for s in stages] == ["3", "4", "5"]
+    # each stage starts from the one before; heads, eval and export use the last
+    assert [s["init"] for s in stages] == [
+        "runs/cartpole-swingup-ft",
+        "runs/cartpole-swingup-ih",
+        "runs/cartpole-swingup-ih2",
+    ]
+    last = [c for c in calls if c[0] in ("heads", "eval")]
+    assert all("ckpt=runs/cartpole-swingup-ih3" in c for c in last) and len(last) == 2
+    assert calls[-1][:3] == ["-m", "selfflow_world.pretrained", "runs/cartpole-swingup-ih3"]
+
+
+def test_recipe_with_one_stage_and_without(tmp_path):
+    code, calls, err = _recipe(tmp_path, IH="6")
+    assert code == 0, err
+    assert [(o, t.get("imagined_history"), t["steps"]) for o, t in _train_calls(calls)][-1] == (
+        "runs/cartpole-swingup-ih",
+        "6",
+        "1200",
+    )
+    (tmp_path / "calls.log").unlink()
+    code, calls, err = _recipe(tmp_path)
+    assert code == 0, err
+    assert [o for o, _ in _train_calls(calls)] == ["runs/cartpole-swingup"]
+
+
+def test_recipe_refuses_stage_steps_that_do_not_match(tmp_path):
+    code, calls, err = _recipe(tmp_path, IH="6,8", IH_STEPS="1,2,3")
+    assert code == 2
+    assert "IH_STEPS=1,2,3" in err and "IH=6,8" in err
+    assert not [o for o, t in _train_calls(calls) if "imagined_history" in t]
