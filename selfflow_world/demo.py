@@ -1,6 +1,7 @@
 """``sfw demo``: a shipped world model imagining a robot next to the simulator, in a few minutes.
 
     sfw demo                          # the shipped reacher-easy model, output in demo/
+    sfw demo env=dmc/cartpole-swingup # the shipped model of that env
     sfw demo ckpt=RUN env=dmc/reacher-easy out=/tmp/demo
 
 It collects a few fresh real episodes (rendered as the model's training data was), imagines them
@@ -14,8 +15,9 @@ small state probe the report needs (seconds) and nothing is downloaded.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from selfflow_world.errors import UserError, check_count, check_positive
@@ -25,7 +27,7 @@ from selfflow_world.errors import UserError, check_count, check_positive
 class DemoConfig:
     """Settings of ``sfw demo`` (documented in configs/demo.yaml)."""
 
-    ckpt: str = "reacher-easy"
+    ckpt: str = "auto"  # auto: the shipped model of env= (reacher-easy without env=)
     env: str = ""  # "": the env the model was trained on
     out: str = "demo"
     episodes: int = 6
@@ -57,6 +59,27 @@ class DemoConfig:
             )
 
 
+def _resolved_ckpt(cfg: DemoConfig) -> str:
+    """``ckpt=auto``: the shipped model trained on ``cfg.env``, or reacher-easy without an env."""
+    from selfflow_world import pretrained
+
+    if cfg.ckpt != "auto":
+        return cfg.ckpt
+    if not cfg.env:
+        return "reacher-easy"
+    name = pretrained.for_env(cfg.env)
+    if name is None:
+        shipped = ", ".join(
+            f"{n} ({json.loads((pretrained.MODELS_DIR / n / 'meta.json').read_text()).get('env')})"
+            for n in pretrained.available()
+        )
+        raise UserError(
+            f"no shipped model is trained on env={cfg.env} (shipped: {shipped or 'none'}); "
+            f"pass ckpt=RUN, a model trained on it"
+        )
+    return name
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Collect, imagine, evaluate; returns ``{"summary": text, "files": {...}, "seconds": s}``."""
     from selfflow_world.envs.collect import CollectConfig, collect
@@ -66,6 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from selfflow_world.world_model import WorldModel
 
     cfg.check()
+    cfg = replace(cfg, ckpt=_resolved_ckpt(cfg))
     began = time.perf_counter()
     wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))  # fails clearly if missing
     trained_on = wm.meta.get("env", "")

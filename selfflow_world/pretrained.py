@@ -44,6 +44,15 @@ def available() -> list[str]:
     )
 
 
+def for_env(env: str) -> str | None:
+    """The name of the shipped model trained on ``env`` (e.g. ``dmc/cartpole-swingup``), or None."""
+    for name in available():
+        meta = json.loads((MODELS_DIR / name / "meta.json").read_text())
+        if meta.get("env") == env:
+            return name
+    return None
+
+
 def looks_like_name(text: str) -> bool:
     """A bare name (no path separator, not an existing path), e.g. ``reacher-easy``."""
     return os.sep not in text and "/" not in text and not Path(text).exists()

@@ -163,3 +163,17 @@ def test_recipe_refuses_stage_steps_that_do_not_match(tmp_path):
     assert code == 2
     assert "IH_STEPS=1,2,3" in err and "IH=6,8" in err
     assert not [o for o, t in _train_calls(calls) if "imagined_history" in t]
+
+
+def test_demo_picks_the_shipped_model_of_the_env_asked_for(shipped, tmp_path, capsys):
+    from selfflow_world.demo import DemoConfig, _resolved_ckpt
+
+    assert pretrained.for_env("dmc/reacher-easy") == "tiny-test"  # what the tiny run was trained on
+    assert _resolved_ckpt(DemoConfig(env="dmc/reacher-easy")) == "tiny-test"
+    assert _resolved_ckpt(DemoConfig()) == "reacher-easy"
+    assert _resolved_ckpt(DemoConfig(ckpt="mine", env="dmc/reacher-easy")) == "mine"
+    assert main(["demo", "env=dmc/walker-walk", f"out={tmp_path / 'd'}"]) == 2
+    err = capsys.readouterr().err
+    assert "no shipped model is trained on env=dmc/walker-walk" in err
+    assert "tiny-test (dmc/reacher-easy)" in err
+    assert not (tmp_path / "d").exists()
