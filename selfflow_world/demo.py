@@ -15,7 +15,6 @@ small state probe the report needs (seconds) and nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -69,10 +68,7 @@ def _resolved_ckpt(cfg: DemoConfig) -> str:
         return "reacher-easy"
     name = pretrained.for_env(cfg.env)
     if name is None:
-        shipped = ", ".join(
-            f"{n} ({json.loads((pretrained.MODELS_DIR / n / 'meta.json').read_text()).get('env')})"
-            for n in pretrained.available()
-        )
+        shipped = ", ".join(f"{n} ({env})" for n, env in pretrained.trained_envs().items())
         raise UserError(
             f"no shipped model is trained on env={cfg.env} (shipped: {shipped or 'none'}); "
             f"pass ckpt=RUN, a model trained on it"

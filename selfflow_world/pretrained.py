@@ -44,13 +44,16 @@ def available() -> list[str]:
     )
 
 
+def trained_envs() -> dict[str, str]:
+    """``{name: env}`` of the shipped models, from their meta.json."""
+    return {
+        name: json.loads((MODELS_DIR / name / "meta.json").read_text()).get("env", "") for name in available()
+    }
+
+
 def for_env(env: str) -> str | None:
     """The name of the shipped model trained on ``env`` (e.g. ``dmc/cartpole-swingup``), or None."""
-    for name in available():
-        meta = json.loads((MODELS_DIR / name / "meta.json").read_text())
-        if meta.get("env") == env:
-            return name
-    return None
+    return next((name for name, trained in trained_envs().items() if trained == env), None)
 
 
 def looks_like_name(text: str) -> bool:
