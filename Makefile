@@ -29,13 +29,13 @@ demo: setup
 
 # Reproduce a shipped model from scratch with its recipe (its MODEL_CARD.md): collect, train
 # (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), heads,
-# evaluate, export; cartpole-swingup also trains on its own predictions in three stages (imagined
-# histories of up to 6, 8 and 12 frames; 1200, 1600 and 1200 steps). Resumable: rerun to continue.
-# About 2.5 hours on 2 CPU cores for reacher-easy, 3.5 for cartpole-swingup.
+# evaluate, export, after stages on its own predictions: reacher-easy two (imagined histories of up
+# to 6 and 8 frames, 1200 steps each), cartpole-swingup three (6, 8 and 12 frames; 1200, 1600 and
+# 1200 steps). Resumable: rerun to continue. About 3.5 hours on 2 CPU cores for either.
 #   make reproduce                                  # reacher-easy
 #   make reproduce MODEL=cartpole-swingup IH=6,8,12 IH_STEPS=1200,1600,1200
 FINETUNE ?= 3000
-IH ?= 0
+IH ?= 6,8
 IH_STEPS ?= 1200
 reproduce: setup
 	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) IH=$(IH) IH_STEPS=$(IH_STEPS) bash bench/train_default.sh $(MODEL) $(STEPS)
