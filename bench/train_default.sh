@@ -15,9 +15,9 @@
 # lr 1e-4, started from the first run's EMA weights in runs/<name>-ft with `sfw train init=`;
 # default 0 = none), IH (imagined_history of the last stages, which train on the model's own
 # predictions, each started from the previous stage's EMA weights: one value or a comma-separated
-# list, one per stage; default 0 = none), IH_STEPS (their steps, one value or one per stage, default 1200), EVAL_STEPS
-# (sampler steps per imagined frame in the evaluation, default 1). Heads, evaluation and export
-# use the last stage's run. The shipped models:
+# list, one per stage; default 0 = none), IH_STEPS (their steps, one value or one per stage,
+# default 1200), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1).
+# Heads, evaluation and export use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8 IH_STEPS=1200,1200 bash bench/train_default.sh reacher-easy 5000
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12 IH_STEPS=1200,1600,1200 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
