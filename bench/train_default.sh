@@ -16,10 +16,10 @@
 # default 0 = none), IH (imagined_history of the last stages, which train on the model's own
 # predictions, each started from the previous stage's EMA weights: one value or a comma-separated
 # list, one per stage; default 0 = none), IH_STEPS (their steps, one value or one per stage,
-# default 1200), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1).
+# default 1200; STEPS@STOP: a STEPS-step schedule stopped at step STOP, `sfw train stop_at=`), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1).
 # Heads, evaluation and export use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8 IH_STEPS=1200,1200 bash bench/train_default.sh reacher-easy 5000
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12 IH_STEPS=1200,1600,1200 bash bench/train_default.sh cartpole-swingup 5000
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12 IH_STEPS=1200,1600,1200,2000@1600 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -58,10 +58,12 @@ if [ "${IH_LIST[0]}" -gt 0 ]; then
     fi
     for i in "${!IH_LIST[@]}"; do
         STAGE_STEPS="${IH_STEP_LIST[$i]:-${IH_STEP_LIST[0]}}"
+        STOP="null"
+        if [[ "$STAGE_STEPS" == *@* ]]; then STOP="${STAGE_STEPS#*@}"; STAGE_STEPS="${STAGE_STEPS%@*}"; fi
         OUT="runs/$NAME-ih"
         if [ "$i" -gt 0 ]; then OUT="runs/$NAME-ih$((i + 1))"; fi
         $SFW train data="data/$NAME" out="$OUT" init="$RUN" model=small objective="$OBJECTIVE" \
-            steps="$STAGE_STEPS" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="${IH_LIST[$i]}" \
+            steps="$STAGE_STEPS" stop_at="$STOP" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="${IH_LIST[$i]}" \
             imagined_share=0.5 resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
         RUN="$OUT"
     done

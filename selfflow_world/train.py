@@ -94,6 +94,7 @@ class TrainConfig:
     data: str = "data/reacher"
     out: str = "runs/reacher"
     steps: int = 20000
+    stop_at: Optional[int] = None  # noqa: UP045 - OmegaConf needs Optional
     resume: bool = False
     init: Optional[str] = None  # noqa: UP045 - OmegaConf needs Optional
     seed: int = 0
@@ -144,6 +145,10 @@ class TrainConfig:
         ):
             check_count(name, getattr(self, name))
         check_count("imagined_history", self.imagined_history, minimum=0)
+        if self.stop_at is not None:
+            check_count("stop_at", self.stop_at)
+            if self.stop_at > self.steps:
+                raise UserError(f"stop_at must be at most steps={self.steps} (or null), got {self.stop_at}")
         if not 0 <= self.imagined_share <= 1:
             raise UserError(f"imagined_share must be in [0, 1], got {self.imagined_share!r}")
         if self.warmup < 0 or self.num_workers < 0:
@@ -429,7 +434,7 @@ class Trainer:
             self.cfg.batch_size,
             self.cfg.seed,
             self.step,
-            self.cfg.steps,
+            self.end,
             self.dist.rank,
             self.dist.world,
         )
@@ -507,11 +512,19 @@ class Trainer:
             dist.all_reduce(p.grad)
             p.grad /= self.dist.world
 
+    @property
+    def end(self) -> int:
+        """The step this call of :meth:`fit` stops at: ``stop_at`` when set (the schedule still spans
+        ``steps``, so a later ``resume=true`` continues it exactly), else ``steps``."""
+        return self.cfg.steps if self.cfg.stop_at is None else self.cfg.stop_at
+
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
-        if self.step >= cfg.steps:
+        end = self.end
+        if self.step >= end:
             if self.dist.main:
-                print(f"{self.out} is already at step {self.step} >= steps={cfg.steps}; nothing to do")
+                limit = f"steps={cfg.steps}" if cfg.stop_at is None else f"stop_at={cfg.stop_at}"
+                print(f"{self.out} is already at step {self.step} >= {limit}; nothing to do")
             return {}
         logger = Logger(
             self.out,
@@ -538,7 +551,7 @@ class Trainer:
                 step, row = self.step, {}
                 self.wall_s = wall_before + time.perf_counter() - began
                 last["wall_s"] = self.wall_s  # in metrics.csv and in each checkpoint's meta.json
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or step == end:
                     now = time.perf_counter()
                     speed = (step - tick_step) / max(now - tick, 1e-9)
                     tick, tick_step = now, step
@@ -547,7 +560,7 @@ class Trainer:
                     if "val_action_sensitivity" in latest_val:  # shown from the first validation on
                         shown["act"] = latest_val["val_action_sensitivity"]
                     logger.progress(step, shown)
-                if step % cfg.val_every == 0 or step == cfg.steps:
+                if step % cfg.val_every == 0 or step == end:
                     if self.dist.main and self.val_set is not None and len(self.val_set):
                         # fork_rng: the DataLoader inside draws from the global RNG, which the
                         # training step (the heads' dropout) uses, so validating must not move it
@@ -565,10 +578,10 @@ class Trainer:
                     self._barrier()
                 if row:
                     logger.log(step, row)
-                if (step % cfg.sample_every == 0 or step == cfg.steps) and self.dist.main and self.val_set:
+                if (step % cfg.sample_every == 0 or step == end) and self.dist.main and self.val_set:
                     with torch.random.fork_rng(devices=[]):
                         self.write_samples(step)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                if step % cfg.ckpt_every == 0 or step == end:
                     self.save(last)
                     self._barrier()
         finally:

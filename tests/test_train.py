@@ -406,3 +406,23 @@ def test_imagined_history_settings_fail_clearly(tiny_dataset, tmp_path):
         train(tiny_dataset, tmp_path / "b", "steps=2", "imagined_history=-1")
     with pytest.raises(UserError, match=r"clips of 23 frames.*imagined_history=20 frames"):
         train(tiny_dataset, tmp_path / "c", "steps=2", "imagined_history=20")
+
+
+def test_stop_at_stops_mid_schedule_and_resume_continues_it_exactly(tiny_dataset, tmp_path):
+    # a short warm-up, so the cosine decay depends on `steps`: stopping at 6 of 10 must follow the
+    # 10-step schedule (not a 6-step one) and continue to the uninterrupted run's losses
+    full, part, short = tmp_path / "full", tmp_path / "part", tmp_path / "short"
+    train(tiny_dataset, full, "steps=10", "warmup=2")
+    train(tiny_dataset, part, "steps=10", "stop_at=6", "warmup=2")
+    assert [s for s, _ in list_checkpoints(part)] == [5, 6]
+    assert read_meta(resolve_checkpoint(part))["step"] == 6
+    train(tiny_dataset, short, "steps=6", "warmup=2")
+    assert losses(short) != losses(part)  # the schedules differ by step 6
+    assert losses(part) == {s: v for s, v in losses(full).items() if s <= 6}
+    train(tiny_dataset, part, "steps=10", "warmup=2", "resume=true")
+    assert losses(part) == losses(full)
+
+
+def test_stop_at_beyond_steps_is_refused(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="stop_at must be at most steps=4"):
+        train(tiny_dataset, tmp_path / "run", "steps=4", "stop_at=5")
