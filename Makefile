@@ -30,16 +30,17 @@ demo: setup
 # Reproduce a shipped model from scratch with its recipe (its MODEL_CARD.md): collect, train
 # (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), train in
 # stages on its own predictions (reacher-easy: imagined histories of up to 6 and 8 frames, 1200
-# steps each; cartpole-swingup: 6, 8 and 12 frames, 1200, 1600 and 1200 steps), heads, evaluate,
-# export. Resumable: rerun to continue. About 3.5 hours on 2 CPU cores for either.
+# steps each; cartpole-swingup: 6, 8, 12 and 12 frames, 1200, 1600, 1200 and 1600 of a 2000-step
+# schedule), heads, evaluate, export. Resumable: rerun to continue. About 3.5 hours on 2 CPU cores
+# for reacher-easy, 4 for cartpole-swingup.
 #   make reproduce                                  # reacher-easy
 #   make reproduce MODEL=cartpole-swingup
 # IH / IH_STEPS (the stages' imagined histories and steps) default to the shipped model's recipe.
 FINETUNE ?= 3000
 IH_reacher-easy := 6,8
 IH_STEPS_reacher-easy := 1200
-IH_cartpole-swingup := 6,8,12
-IH_STEPS_cartpole-swingup := 1200,1600,1200
+IH_cartpole-swingup := 6,8,12,12
+IH_STEPS_cartpole-swingup := 1200,1600,1200,2000@1600
 IH ?= $(or $(IH_$(MODEL)),0)
 # IH given alone: 1200 steps per stage
 IH_STEPS ?= $(if $(filter command line environment,$(origin IH)),1200,$(or $(IH_STEPS_$(MODEL)),1200))
