@@ -16,8 +16,9 @@
 # default 0 = none), IH (imagined_history of the last stages, which train on the model's own
 # predictions, each started from the previous stage's EMA weights: one value or a comma-separated
 # list, one per stage; default 0 = none), IH_STEPS (their steps, one value or one per stage,
-# default 1200; STEPS@STOP: a STEPS-step schedule stopped at step STOP, `sfw train stop_at=`), EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1).
-# Heads, evaluation and export use the last stage's run. The shipped models:
+# default 1200; STEPS@STOP: a STEPS-step schedule stopped at step STOP, `sfw train stop_at=`),
+# EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1). Heads, evaluation and
+# export use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8 IH_STEPS=1200,1200 bash bench/train_default.sh reacher-easy 5000
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12 IH_STEPS=1200,1600,1200,2000@1600 bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
