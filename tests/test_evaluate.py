@@ -96,6 +96,10 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     assert len(saved["psnr"]["model"]["per_horizon"]["mean"]) == report["horizon"] == 4
     assert saved["replay"]["replay_matches_recording"] is True  # the simulator replays the recording exactly
     assert {"floor_rmse", "model", "copy_last", "frechet_transitions"} <= set(saved["state_probe"])
+    sp = saved["state_probe"]["model"]
+    per_dim = np.asarray(sp["relative_to_floor_per_dim"])
+    assert per_dim.shape == (4, len(saved["state_probe"]["floor_rmse"]))
+    assert np.allclose(per_dim.mean(-1), sp["relative_to_floor_per_horizon"])
     assert set(saved["representation_r2"]["model"]) == {"1", "2"}
     c = saved["controllability"]
     assert c["gap"] == pytest.approx(c["error_shuffled"] - c["error_true"], abs=1e-9)
