@@ -7,8 +7,8 @@
 # Every stage continues where it stopped when the script is run again (collection continues up to
 # the episode count, training with resume=true), so an interrupted run is resumed by rerunning the
 # same command. Outputs: data/<name> (200 training episodes, seed 0), data/<name>_test (20 held-out
-# episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads in the newest
-# checkpoint), <last stage's run>/eval_test (the report on the held-out episodes).
+# episodes, seed 1), runs/<name> (checkpoints, metrics.csv, tb/; reward heads and probes in the
+# newest checkpoint), <last stage's run>/eval_test (the report on the held-out episodes).
 # Environment: SFW (default .venv/bin/sfw), PY (default .venv/bin/python), WORKERS (collection
 # processes, default 2), OBJECTIVE (default flow), BATCH (default 16), EXTRA (more sfw train
 # overrides, space-separated, e.g. "objective.t_one=1.0"), FINETUNE (steps of a second schedule,
@@ -71,6 +71,10 @@ if [ "${IH_LIST[0]}" -gt 0 ]; then
 fi
 # reward/termination heads on the frozen model (stored in its newest checkpoint; the eval reports them)
 $SFW heads ckpt="$RUN" data="data/$NAME" eval_data="data/${NAME}_test"
+# the state probe (and reacher's target probe) that sfw rl observation=probes and sfw plan read
+# frames with, fitted on real and imagined frames and stored beside the heads
+$SFW probe ckpt="$RUN" data="data/$NAME" score=state seed=1
+if [[ "$NAME" == reacher-* ]]; then $SFW probe ckpt="$RUN" data="data/$NAME" score=target seed=1; fi
 $SFW eval ckpt="$RUN" data="data/${NAME}_test" split=all probe_data="data/$NAME" \
     out="$RUN/eval_test" horizon=16 episodes=20 steps="${EVAL_STEPS:-1}"
 # the shipped-model directory (bf16 EMA weights, the heads, meta.json, MODEL_CARD.md with the figures above);

@@ -17,7 +17,7 @@ termination as Gymnasium does).
 Observations: ``"frames"``, the imagined frame, uint8 ``(h, w, 3)``; or ``"features"``, the
 model's own features of it (the heads' block, mean-pooled over the frame's tokens), float32
 ``(D,)``: small enough for an MLP policy on a CPU; or ``"probes"``, what the probes shipped beside
-the model's weights (``selfflow_world.plan.ship_probe``: a state probe, and for reacher a
+the model's weights (``sfw probe``: a state probe, and for reacher a
 finger-to-target probe) read off the frame and off the frame before it, float32 ``(2K,)``: a
 compact, physically meaningful vector where pooled features lose where things are. Rewards:
 ``"heads"`` (default) or ``"target"``, minus the finger-to-target distance the target probe reads
@@ -150,18 +150,18 @@ def _probes(wm: WorldModel, observation: str, reward: str) -> dict[str, torch.nn
         if shipped is not None:
             found[name] = shipped[0].to(wm.device)
     how = (
-        "sfw plan task={task} fits one for a model (kept as out/{name}_probe.pt) and "
-        "selfflow_world.plan.ship_probe stores it beside the model's weights"
+        f"sfw probe ckpt={wm.source} data=DATA score={{name}} fits one and stores it beside the "
+        "model's weights (DATA: a dataset of the model's env)"
     )
     if reward == "target" and "target" not in found:
         raise UserError(
             f"reward=target needs a target probe (the effector-to-target vector) beside the weights of "
-            f"{wm.source}, which has none; " + how.format(task="reward", name="target")
+            f"{wm.source}, which has none; " + how.format(name="target")
         )
     if observation == "probes" and "state" not in found:
         raise UserError(
             f"observation=probes needs at least a state probe beside the weights of {wm.source}, which "
-            "has none; " + how.format(task="goal", name="state")
+            "has none; " + how.format(name="state")
         )
     return found
 

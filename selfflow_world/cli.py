@@ -9,6 +9,7 @@
     sfw eval [key=value ...]                   consistency report vs the simulator (configs/eval.yaml)
     sfw demo [key=value ...]                   a shipped model next to the simulator (configs/demo.yaml)
     sfw heads [key=value ...]                  reward/termination heads on a trained model (configs/heads.yaml)
+    sfw probe [key=value ...]                  a state/target probe for a trained model (configs/probe.yaml)
     sfw plan [key=value ...]                   plan in imagination, act in the simulator (configs/plan.yaml)
     sfw rl [key=value ...]                     RL in imagination, evaluated in the simulator (configs/rl.yaml)
 
@@ -160,6 +161,21 @@ def _cmd_heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from selfflow_world.config import load_config
+    from selfflow_world.plan import ProbeConfig, run_probe
+
+    cfg = load_config("probe", args.overrides, ProbeConfig)
+    report = run_probe(cfg)
+    floor = ", ".join(f"{v:.3f}" for v in report["floor_rmse"])
+    print(
+        f"{report['score']} probe ({report['state_dims']}) fitted on {report['data']} "
+        f"(+ imagined frames of {report['imagined_clips']} clips): held-out RMSE on real frames "
+        f"{floor} -> {report['written_to']}"
+    )
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from selfflow_world.config import load_config
     from selfflow_world.plan import PlanConfig, run_plan
@@ -209,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
             "heads",
             _cmd_heads,
             "reward/termination heads on a trained model (overrides of configs/heads.yaml)",
+        ),
+        (
+            "probe",
+            _cmd_probe,
+            "a state/target probe stored beside a model's weights (overrides of configs/probe.yaml)",
         ),
         ("plan", _cmd_plan, "plan in imagination, act in the simulator (overrides of configs/plan.yaml)"),
         ("rl", _cmd_rl, "train an agent in imagination, evaluate it in the simulator (configs/rl.yaml)"),

@@ -496,14 +496,84 @@ def ship_probe(kept: str | Path, model_dir: str | Path, score: str = "state") ->
     """Store the probe a plan fitted and kept (``out/<score>_probe.pt``) beside a model's weights in
     ``model_dir`` (:data:`PROBE_FILES`), so planning with that score and model needs no dataset:
     the probe shipped with a model."""
+    save_probe(torch.load(kept, map_location="cpu", weights_only=True), model_dir, score)
+
+
+def save_probe(saved: dict, model_dir: str | Path, score: str = "state") -> None:
+    """Write a fitted probe (:func:`fit_model_probe`'s dict) as ``model_dir``'s probe of ``score``
+    (:data:`PROBE_FILES`); each file replaced atomically, so a failed write leaves the old probe."""
     from safetensors.torch import save_file
 
-    saved = torch.load(kept, map_location="cpu", weights_only=True)
     model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
     weights, meta_name = PROBE_FILES[score]
-    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(model_dir / weights))
     meta = {k: saved[k] for k in ("image_size", "state_dim", "width", "report", "fitted_from")}
-    (model_dir / meta_name).write_text(json.dumps(meta, indent=2))
+    tmp_w, tmp_m = model_dir / (weights + ".tmp"), model_dir / (meta_name + ".tmp")
+    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(tmp_w))
+    tmp_m.write_text(json.dumps(meta, indent=2))
+    tmp_w.replace(model_dir / weights)
+    tmp_m.replace(model_dir / meta_name)
+
+
+@dataclass
+class ProbeConfig:
+    """Settings of ``sfw probe`` (documented in configs/probe.yaml)."""
+
+    ckpt: str = "???"
+    data: str = "???"
+    score: str = "state"
+    out: str | None = None  # default: beside the checkpoint's weights
+    frames: int = 12000
+    epochs: int = 15
+    imagined: int = 3000
+    horizon: int = 5
+    sampler_steps: int = 1
+    seed: int = 0
+    device: str = "auto"
+
+
+def run_probe(cfg: ProbeConfig, wm=None) -> dict[str, Any]:
+    """``sfw probe``: fit the probe of ``cfg.score`` for a model (:func:`fit_model_probe`) and store
+    it beside the model's weights (or in ``cfg.out``), where ``sfw plan`` and the dream envs'
+    ``observation=probes`` / ``reward=target`` find it. Returns the probe's report with
+    ``written_to``."""
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.envs import make_like
+    from selfflow_world.episodes import read_manifest
+    from selfflow_world.runtime import resolve_device
+    from selfflow_world.world_model import WorldModel
+
+    for name in ("ckpt", "data"):
+        if getattr(cfg, name) in ("???", "", None):
+            raise UserError(f"{name}= is required (e.g. sfw probe ckpt=RUN data=DATA score=state)")
+    if cfg.score not in PROBE_FILES:
+        raise UserError(f"score must be one of {sorted(PROBE_FILES)}, got {cfg.score!r}")
+    for name in ("frames", "epochs", "horizon"):
+        check_count(name, getattr(cfg, name))
+    check_count("imagined", cfg.imagined, minimum=0)
+    if not 1 <= cfg.sampler_steps <= 50:
+        raise UserError(f"sampler_steps must be in [1, 50], got {cfg.sampler_steps}")
+    if not Path(cfg.data).is_dir():
+        raise UserError(f"data={cfg.data} is not a directory (a dataset of sfw collect)")
+    if wm is None:
+        wm = WorldModel.load(cfg.ckpt, device=resolve_device(cfg.device))
+    manifest = read_manifest(Path(cfg.data))
+    trained_env = wm.meta.get("env")
+    if trained_env and manifest["env"] != trained_env:
+        raise UserError(
+            f"data={cfg.data} holds {manifest['env']} episodes, the model was trained on {trained_env}"
+        )
+    out = Path(cfg.out) if cfg.out else resolve_checkpoint(cfg.ckpt)
+    fitted_from = probe_source(
+        cfg.data, cfg.frames, cfg.epochs, cfg.seed, cfg.imagined, cfg.horizon, cfg.sampler_steps
+    )
+    env = make_like(manifest)
+    try:
+        saved = fit_model_probe(wm, env, cfg.score, fitted_from)
+    finally:
+        env.close()
+    save_probe(saved, out, cfg.score)
+    return {**saved["report"], "written_to": str(out)}
 
 
 def _probe_from(meta: dict, weights: dict):
@@ -578,14 +648,6 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
     (and, with ``probe_imagined``, the imagined ones) of ``cfg.probe_data`` (default: the dataset
     the model was trained on) and kept in ``out/<score>_probe.pt``, which a rerun with ``resume``
     loads. Returns the probe (on the model's device) and what the report says of it."""
-    from selfflow_world.evaluate import (
-        ObservationMap,
-        StateMap,
-        imagined_probe_data,
-        probe_splits,
-        train_state_probe,
-    )
-
     if cfg.probe:
         return given_probe(cfg.probe, wm, score)
     if not cfg.probe_data:
@@ -594,26 +656,11 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
             probe, meta = found
             return probe.to(wm.device), {**meta["report"], "shipped_with_model": True}
 
-    if score == "state":
-        # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
-        labels = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
-    else:
-        if env.name not in TARGET_VECTORS:
-            raise UserError(f"score=target is defined for {sorted(TARGET_VECTORS)}; got env {env.name}")
-        dims, name = TARGET_VECTORS[env.name]
-        labels = ObservationMap(env, dims, name)
     path = out / f"{score}_probe.pt"
     root = cfg.probe_data or wm.meta.get("config", {}).get("data", "")
-    fitted_from = {
-        "data": str(root),
-        "frames": cfg.probe_frames,
-        "epochs": cfg.probe_epochs,
-        "seed": cfg.seed,
-    }
-    if cfg.probe_imagined:
-        fitted_from.update(
-            imagined_clips=cfg.probe_imagined, horizon=cfg.horizon, sampler_steps=cfg.sampler_steps
-        )
+    fitted_from = probe_source(
+        root, cfg.probe_frames, cfg.probe_epochs, cfg.seed, cfg.probe_imagined, cfg.horizon, cfg.sampler_steps
+    )
     if cfg.resume and path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if saved.get("fitted_from") == fitted_from:  # otherwise fitted again below
@@ -628,24 +675,63 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
             f"score={score} fits a probe on the recorded frames and states of a dataset, but {where}: "
             f"pass probe_data=DIR, a dataset of {env.name} (e.g. sfw collect env={env.name} episodes=50 out=DIR)"
         )
-    train_set, val_set = probe_splits(wm, root)
+    saved = fit_model_probe(wm, env, score, fitted_from)
+    torch.save(saved, path)
+    return _probe_from(saved, saved["weights"]).to(wm.device), saved["report"]
+
+
+def probe_source(
+    data, frames: int, epochs: int, seed: int, imagined: int, horizon: int, sampler_steps: int
+) -> dict:
+    """What a probe is fitted from (recorded with it, and compared by a resumed plan)."""
+    fitted_from = {"data": str(data), "frames": frames, "epochs": epochs, "seed": seed}
+    if imagined:
+        fitted_from.update(imagined_clips=imagined, horizon=horizon, sampler_steps=sampler_steps)
+    return fitted_from
+
+
+def fit_model_probe(wm, env, score: str, fitted_from: dict) -> dict:
+    """Fit the probe of ``score`` for ``wm`` as :func:`probe_source`'s ``fitted_from`` says: the
+    ``state`` probe reads qpos (unlimited hinge angles as sine and cosine), the ``target`` probe
+    the effector-to-target vector (:data:`TARGET_VECTORS`), off the real frames of the dataset's
+    training split and, with ``imagined_clips``, off the model's own imagined frames of that many
+    clips (1..horizon steps each), as a score or a dream env will read them. Returns the dict
+    :func:`save_probe` and :func:`_probe_from` take (weights, sizes, report, ``fitted_from``)."""
+    from selfflow_world.evaluate import (
+        ObservationMap,
+        StateMap,
+        imagined_probe_data,
+        probe_splits,
+        train_state_probe,
+    )
+
+    if score == "state":
+        # positions only: one frame shows no velocity, and fitting it would only add noise to the fit
+        labels = StateMap(env.nq, env.nv, env.wrapped_qpos(), velocities=False)
+    else:
+        if env.name not in TARGET_VECTORS:
+            raise UserError(f"score=target is defined for {sorted(TARGET_VECTORS)}; got env {env.name}")
+        dims, name = TARGET_VECTORS[env.name]
+        labels = ObservationMap(env, dims, name)
+    seed, imagined = fitted_from["seed"], fitted_from.get("imagined_clips", 0)
+    train_set, val_set = probe_splits(wm, fitted_from["data"])
     extra = None
-    if cfg.probe_imagined:  # the model's own imagined frames, as the score will read them
+    if imagined:
         extra = imagined_probe_data(
-            wm, train_set, cfg.probe_imagined, cfg.horizon, labels, cfg.seed, cfg.sampler_steps
+            wm, train_set, imagined, fitted_from["horizon"], labels, seed, fitted_from["sampler_steps"]
         )
     probe, metrics = train_state_probe(
-        train_set, val_set, labels, cfg.probe_frames, cfg.probe_epochs, cfg.seed, extra
+        train_set, val_set, labels, fitted_from["frames"], fitted_from["epochs"], seed, extra
     )
     report = {
         "score": score,
-        "data": str(root),
+        "data": fitted_from["data"],
         "state_dims": labels.description,
         "floor_rmse": metrics["rmse"],
         "floor_rmse_overall": metrics["rmse_overall"],
-        "imagined_clips": cfg.probe_imagined,
+        "imagined_clips": imagined,
     }
-    saved = {
+    return {
         "weights": probe.state_dict(),
         "image_size": list(probe.image_size),
         "state_dim": probe.state_dim,
@@ -653,8 +739,6 @@ def plan_probe(cfg: PlanConfig, wm, env, out: Path, score: str):
         "report": report,
         "fitted_from": fitted_from,
     }
-    torch.save(saved, path)
-    return probe.eval().to(wm.device), report
 
 
 # -- the control loop ---------------------------------------------------------------------------------

@@ -343,7 +343,9 @@ def test_probe_observations_and_target_reward_read_the_shipped_probes(heads_run,
 
 
 def test_probes_and_target_reward_need_shipped_probes(wm):
-    with pytest.raises(UserError, match="observation=probes needs at least a state probe"):
+    with pytest.raises(
+        UserError, match="observation=probes needs at least a state probe.*sfw probe ckpt=.*score=state"
+    ):
         DreamEnv(wm, observation="probes")
-    with pytest.raises(UserError, match="reward=target needs a target probe"):
+    with pytest.raises(UserError, match="reward=target needs a target probe.*score=target"):
         DreamEnv(wm, reward="target")

@@ -648,3 +648,65 @@ def test_near_planner_needs_the_target_score(tiny_run, tmp_path):
             PlanConfig(ckpt=str(tiny_run), task="goal", near_planner="mppi", out=str(tmp_path)),
             progress=False,
         )
+
+
+def test_sfw_probe_stores_a_probe_the_planner_and_dream_env_read(heads_run, tiny_dataset, tmp_path, capsys):
+    from selfflow_world.checkpoint import resolve_checkpoint
+    from selfflow_world.cli import main
+    from selfflow_world.envs import DreamEnv
+    from selfflow_world.plan import shipped_probe
+    from selfflow_world.world_model import WorldModel
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(heads_run), ckpt)
+    assert shipped_probe(str(ckpt)) is None
+    args = [
+        "probe",
+        f"ckpt={ckpt}",
+        f"data={tiny_dataset}",
+        "frames=120",
+        "epochs=1",
+        "imagined=4",
+        "horizon=2",
+    ]
+    assert main(args) == 0
+    assert f"-> {ckpt}" in capsys.readouterr().out
+    probe, meta = shipped_probe(str(ckpt))
+    assert meta["fitted_from"] == {
+        "data": str(tiny_dataset),
+        "frames": 120,
+        "epochs": 1,
+        "seed": 0,
+        "imagined_clips": 4,
+        "horizon": 2,
+        "sampler_steps": 1,
+    }
+    assert meta["report"]["score"] == "state" and len(meta["report"]["floor_rmse"]) == probe.state_dim
+    assert not list(ckpt.glob("*.tmp"))
+    # a plan with score=state reads it without data; a dream env observes through it
+    report = run_plan(_tiny_state_plan(ckpt, tmp_path / "plan", probe_data=""), progress=False)
+    assert report["state_probe"]["shipped_with_model"]
+    env = DreamEnv(WorldModel.load(ckpt), horizon=2, observation="probes")
+    try:
+        obs, _ = env.reset(seed=0)
+        assert obs.shape == (2 * probe.state_dim,)
+        obs, *_ = env.step(env.action_space.sample())
+        reading = env.dream.read_probes(env.render()[None])["state"][0]
+        assert np.allclose(obs[: probe.state_dim], reading, atol=1e-5)
+    finally:
+        env.close()
+
+
+def test_sfw_probe_bad_input(tiny_run, tiny_dataset, tmp_path):
+    from selfflow_world.plan import ProbeConfig, run_probe
+
+    base = dict(ckpt=str(tiny_run), data=str(tiny_dataset), out=str(tmp_path / "p"), frames=20, epochs=1)
+    with pytest.raises(UserError, match="score must be one of"):
+        run_probe(ProbeConfig(**base, score="joints"))
+    with pytest.raises(UserError, match="imagined must be an integer >= 0"):
+        run_probe(ProbeConfig(**base, imagined=-1))
+    with pytest.raises(UserError, match="nope is not a directory"):
+        run_probe(ProbeConfig(**{**base, "data": str(tmp_path / "nope")}))
+    with pytest.raises(UserError, match="ckpt= is required"):
+        run_probe(ProbeConfig(**{**base, "ckpt": "???"}))
+    assert not (tmp_path / "p").exists()  # nothing written
