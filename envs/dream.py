@@ -175,7 +175,7 @@ class _Dreamer:
         world_model: WorldModel | str | Path,
         horizon: int,
         steps: int,
-        start: str | Path,
+        start: str | Path | None,
         observation: str,
         device: str | torch.device,
         reward: str = "heads",
@@ -205,7 +205,10 @@ class _Dreamer:
         self.probes = _probes(wm, observation, reward)
         self.real = None
         size = wm.config.image_size
-        if str(start) == "env":
+        if start is None:  # an observer of real frames only (real_observer): no start contexts
+            self.starts = None
+            self.action_space = gym.spaces.Box(wm.action_low, wm.action_high, dtype=np.float32)
+        elif str(start) == "env":
             from selfflow_world.envs.pixel_env import make
 
             env_name = wm.meta.get("env")
@@ -330,6 +333,14 @@ class _Dreamer:
         if self.real is not None:
             close_env(self.real)
             self.real = None
+
+
+def real_observer(world_model, observation: str, reward: str = "heads", device: str = "cpu") -> _Dreamer:
+    """What computes the observation of a policy trained in a dream env (``observation``
+    ``features`` or ``probes``, with the ``reward`` it was trained with) from real frames, without
+    start contexts or a second env: its :meth:`~_Dreamer.observe_real`. For acting with such a
+    policy outside ``sfw rl``, e.g. ``sfw collect policy=sb3``."""
+    return _Dreamer(world_model, 1, 1, None, observation, device, reward)
 
 
 def close_env(env) -> None:

@@ -7,6 +7,7 @@ returns an action in the env's units. Noise is drawn in [-1, 1] and scaled to th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -146,9 +147,27 @@ def load_sb3_model(path: str, algo: str = "auto"):
     raise UserError(f"could not load {path} as a stable-baselines3 model ({'; '.join(errors)})")
 
 
+def dream_settings(sb3_path: str | Path) -> dict | None:
+    """The settings of the ``sfw rl`` run that saved ``sb3_path`` (its ``report.json`` beside the
+    .zip) if its policy observes a world model's view of the frames (``features`` or ``probes``),
+    else None."""
+    report = Path(sb3_path).parent / "report.json"
+    if not report.is_file():
+        return None
+    try:
+        settings = json.loads(report.read_text()).get("settings", {})
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return settings if settings.get("observation") in ("features", "probes") else None
+
+
 class SB3Policy(_Scaled):
     """A stable-baselines3 policy, fed pixels or the simulator's own observation vector (whichever
-    its observation space matches), optionally mixed with coloured noise."""
+    its observation space matches), optionally mixed with coloured noise. A policy ``sfw rl``
+    trained on the model's features or probe readings (its run's ``report.json`` beside the .zip
+    says so) is fed those, computed from the real frames of the episode so far as ``sfw rl``'s own
+    evaluation does (:func:`selfflow_world.envs.dream.real_observer`); the env must render as the
+    model was trained (size, camera, action repeat)."""
 
     def __init__(self, low, high, cfg: PolicyConfig):
         super().__init__(low, high)
@@ -156,11 +175,29 @@ class SB3Policy(_Scaled):
         self.model = load_sb3_model(cfg.sb3_path, cfg.sb3_algo)
         self.obs_shape = tuple(self.model.observation_space.shape)
         self.noise = NoisePolicy(low, high, PolicyConfig(noise_beta=cfg.noise_beta))
+        self.observer = None
+        settings = dream_settings(cfg.sb3_path)
+        if settings is not None:
+            from selfflow_world.envs.dream import real_observer
+
+            self.observer = real_observer(
+                settings["ckpt"], settings["observation"], settings.get("reward", "heads")
+            )
+            if self.observer.observation_space.shape != self.obs_shape:
+                raise UserError(
+                    f"{cfg.sb3_path} observes {self.obs_shape}, but {settings['observation']} of "
+                    f"{settings['ckpt']} (its run's report.json) gives {self.observer.observation_space.shape}"
+                )
+        self.frames: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
 
     def reset(self, rng: np.random.Generator, steps: int) -> None:
         self.noise.reset(rng, steps)
+        self.frames, self.actions = [], []
 
     def _policy_obs(self, obs: np.ndarray, info: dict) -> np.ndarray:
+        if self.observer is not None:
+            return self._observe(obs)
         if obs.shape == self.obs_shape:
             return obs
         if obs.transpose(2, 0, 1).shape == self.obs_shape:
@@ -170,8 +207,27 @@ class SB3Policy(_Scaled):
             return native
         raise UserError(
             f"sb3 policy expects observations of shape {self.obs_shape}; this env gives frames {obs.shape} "
-            f"and a native observation of shape {None if native is None else native.shape}"
+            f"and a native observation of shape {None if native is None else native.shape} (a policy "
+            "sfw rl trained on model features or probes needs its run's report.json beside the .zip)"
         )
+
+    def _observe(self, frame: np.ndarray) -> np.ndarray:
+        """The dream env's observation of the real frames so far (``frame`` the newest): the
+        reset frame counts as produced by the mid-range action, each later one by the action
+        returned before it, as in ``sfw rl``'s real episodes."""
+        wm = self.observer.wm
+        size = wm.config.image_size
+        if frame.shape != (size, size, 3):
+            raise UserError(
+                f"{self.cfg.sb3_path} acts on what {wm.source} sees in {size}x{size} frames; this env "
+                f"renders {frame.shape}: collect with size={size} (and the model's camera and action repeat)"
+            )
+        if not self.frames:
+            self.actions.append(((wm.action_low + wm.action_high) / 2).astype(np.float32))
+        self.frames.append(frame)
+        keep = self.observer.history + 1
+        del self.frames[:-keep], self.actions[:-keep]
+        return self.observer.observe_real(np.stack(self.frames), np.stack(self.actions))
 
     def act(self, obs: np.ndarray, info: dict) -> np.ndarray:
         action, _ = self.model.predict(self._policy_obs(obs, info), deterministic=True)
@@ -180,7 +236,10 @@ class SB3Policy(_Scaled):
             unit = 2.0 * (action - self.low) / (self.high - self.low) - 1.0
             noise_unit = 2.0 * (self.noise.act(obs, info) - self.low) / (self.high - self.low) - 1.0
             action = self.scale((1.0 - self.cfg.sb3_noise) * unit + self.cfg.sb3_noise * noise_unit)
-        return np.clip(action, self.low, self.high)
+        action = np.clip(action, self.low, self.high)
+        if self.observer is not None:
+            self.actions.append(action)  # it produces the next frame
+        return action
 
 
 def make_policy(cfg: PolicyConfig, low: np.ndarray, high: np.ndarray) -> Policy:

@@ -166,3 +166,40 @@ def test_missing_heads_small_frames_and_mismatched_datasets_are_refused(
     collect(collect_config(cartpole, env="dmc/cartpole-swingup", episodes=1, steps=3), progress=False)
     with pytest.raises(UserError, match="action dim 1; the model expects"):
         run_rl(RLConfig(ckpt=str(heads_run), start=str(cartpole), envs=2, out=str(tmp_path)), progress=False)
+
+
+def test_sfw_collect_runs_a_policy_trained_on_model_features(heads_run, collect_config, tmp_path):
+    """The policy.zip of sfw rl (observation=features) drives sfw collect policy=sb3: each recorded
+    action is the policy's on the model's features of the recorded frames so far."""
+    import numpy as np
+    from stable_baselines3 import PPO
+
+    from selfflow_world.envs.collect import collect
+    from selfflow_world.envs.dream import real_observer
+    from selfflow_world.envs.policies import PolicyConfig
+    from selfflow_world.episodes import list_episodes, load_episode
+
+    run = tmp_path / "rl"
+    settings = ["algo=ppo", "steps=64", "envs=4", "n_steps=16", "batch_size=32", "n_epochs=1", "horizon=4"]
+    rest = ["eval_episodes=1", "videos=0", "device=cpu", "tensorboard=false", f"out={run}"]
+    assert main(["rl", f"ckpt={heads_run}", *settings, *rest]) == 0
+    data = tmp_path / "data"
+    policy = PolicyConfig("sb3", sb3_path=str(run / "policy.zip"))
+    assert collect(collect_config(data, episodes=1, steps=5, policy=policy), progress=False)["collected"] == 1
+    ((_, path),) = list_episodes(data)
+    episode = load_episode(path)
+    frames, actions = np.array(episode["frames"]), np.array(episode["actions"])
+    observer, agent = real_observer(str(heads_run), "features"), PPO.load(run / "policy.zip", device="cpu")
+    low, high = observer.action_space.low, observer.action_space.high
+    produced = [(low + high) / 2]  # the reset frame's action, then each recorded one
+    for k in range(len(actions)):
+        keep = slice(max(0, k - observer.history), k + 1)
+        obs = observer.observe_real(frames[keep], np.stack(produced[keep]))
+        expected = np.clip(agent.predict(obs, deterministic=True)[0], low, high)
+        assert np.allclose(actions[k], expected, atol=1e-5), k
+        produced.append(actions[k])
+    assert actions.std(0).max() > 0  # the policy acts on what it sees, not a constant
+
+    # a collection that renders other frames than the model saw is refused by name
+    with pytest.raises(UserError, match="collect with size=16"):
+        collect(collect_config(tmp_path / "big", episodes=1, steps=2, size=24, policy=policy), progress=False)
