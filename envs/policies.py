@@ -215,6 +215,8 @@ class SB3Policy(_Scaled):
         """The dream env's observation of the real frames so far (``frame`` the newest): the
         reset frame counts as produced by the mid-range action, each later one by the action
         returned before it, as in ``sfw rl``'s real episodes."""
+        from selfflow_world.envs.dream import mid_action
+
         wm = self.observer.wm
         size = wm.config.image_size
         if frame.shape != (size, size, 3):
@@ -223,7 +225,7 @@ class SB3Policy(_Scaled):
                 f"renders {frame.shape}: collect with size={size} (and the model's camera and action repeat)"
             )
         if not self.frames:
-            self.actions.append(((wm.action_low + wm.action_high) / 2).astype(np.float32))
+            self.actions.append(mid_action(wm.action_low, wm.action_high))
         self.frames.append(frame)
         keep = self.observer.history + 1
         del self.frames[:-keep], self.actions[:-keep]

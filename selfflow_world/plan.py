@@ -504,15 +504,16 @@ def save_probe(saved: dict, model_dir: str | Path, score: str = "state") -> None
     (:data:`PROBE_FILES`); each file replaced atomically, so a failed write leaves the old probe."""
     from safetensors.torch import save_file
 
+    from selfflow_world.episodes import write_json_atomic
+
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     weights, meta_name = PROBE_FILES[score]
+    tmp = model_dir / (weights + ".tmp")
+    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(tmp))
+    tmp.replace(model_dir / weights)
     meta = {k: saved[k] for k in ("image_size", "state_dim", "width", "report", "fitted_from")}
-    tmp_w, tmp_m = model_dir / (weights + ".tmp"), model_dir / (meta_name + ".tmp")
-    save_file({k: v.contiguous() for k, v in saved["weights"].items()}, str(tmp_w))
-    tmp_m.write_text(json.dumps(meta, indent=2))
-    tmp_w.replace(model_dir / weights)
-    tmp_m.replace(model_dir / meta_name)
+    write_json_atomic(model_dir / meta_name, meta)
 
 
 @dataclass
