@@ -218,8 +218,14 @@ def _resumed_model_config(
 ) -> ModelConfig:
     """The checkpoint's architecture. Settings that it predates keep their former defaults (e.g.
     ``mlp_act``); any saved setting that this run's config changes is an error naming them
-    (``flag``, the option that reads the checkpoint, is named in it)."""
+    (``flag``, the option that reads the checkpoint, is named in it).
+
+    A new run started from another model's weights (``init=``) may train it for another temporal
+    context (``max_frames``, from ``history`` and ``future``): no weight depends on it, since frames
+    are told apart by rotary position only. A resumed run keeps its own."""
     resumed = ModelConfig.from_saved(saved, ckpt)
+    if not flag.startswith("resume"):
+        resumed = dataclasses.replace(resumed, max_frames=asked.max_frames)
     changed = [
         f"{key}: checkpoint {value!r}, this run {getattr(asked, key)!r}"
         for key, value in asdict(resumed).items()

@@ -116,6 +116,23 @@ def test_init_starts_a_new_run_from_another_models_ema_weights(tiny_dataset, tmp
         train(tiny_dataset, tmp_path / "wide", "steps=1", f"init={src}", "model.width=96")
 
 
+def test_init_may_train_the_source_for_a_longer_context(tiny_dataset, tmp_path):
+    src, longer = tmp_path / "src", tmp_path / "longer"
+    train(tiny_dataset, src, "steps=2", "objective=flow")
+    source_frames = read_meta(resolve_checkpoint(src))["model_config"]["max_frames"]
+    trainer = Trainer(make_cfg(tiny_dataset, longer, "steps=2", "objective=flow", f"init={src}", "history=3"))
+    assert trainer.model_cfg.max_frames == source_frames + 1  # one more history frame
+    source = WorldDiT(model_config("tiny", action_dim=trainer.model_cfg.action_dim, max_frames=source_frames))
+    load_weights(resolve_checkpoint(src), "ema", source)
+    for (name, a), b in zip(trainer.model.state_dict().items(), source.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    trainer.fit()
+    assert read_meta(resolve_checkpoint(longer))["model_config"]["max_frames"] == source_frames + 1
+    # a resumed run keeps its own context: asking for another one is refused, naming it
+    with pytest.raises(UserError, match=r"max_frames.*resume=true"):
+        train(tiny_dataset, longer, "steps=3", "objective=flow", "history=4", "resume=true")
+
+
 def test_killed_checkpoint_write_keeps_last_good_one(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train(tiny_dataset, out, "steps=5")
