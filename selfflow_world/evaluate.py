@@ -46,6 +46,7 @@ class EvalConfig(RolloutSettings):
     level: float = 0.95
     ridge: float = 1.0
     representation: bool = True  # the linear probe of the physics state from the model's features
+    context: int | None = None  # recorded frames each rollout starts from (None: the model's history)
 
 
 def _curve(per_episode: torch.Tensor, level: float) -> dict[str, list[float]]:
@@ -345,7 +346,13 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
         cfg = replace(cfg, steps=wm.sampler_steps)
     # the baseline imagines one batch of rollouts: compiling it would cost more than it saves
     untrained = WorldModel.untrained(wm, seed=cfg.seed, compile=False)
-    hist = wm.history
+    hist = wm.history if cfg.context is None else cfg.context
+    window = wm.config.max_frames - 1
+    if isinstance(hist, bool) or not isinstance(hist, int) or not 1 <= hist <= window:
+        raise UserError(
+            f"context must be a whole number of frames from 1 to {window} (the model's window), or null "
+            f"for its trained history ({wm.history}); got {cfg.context!r}"
+        )
     # one rollout per validation episode; short splits take several segments per episode, and a
     # split with fewer than 2 rollouts falls back to all episodes (recorded in the report)
     seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, hist, cfg.horizon, per_episode=1, min_rows=2)

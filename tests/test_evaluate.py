@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from selfflow_world.cli import main
 from selfflow_world.clips import per_frame as per_frame_actions
 from selfflow_world.config import load_config
+from selfflow_world.episodes import list_episodes, load_episode
 from selfflow_world.evaluate import EvalConfig, run_eval
 from selfflow_world.model import WorldDiT
 
@@ -151,12 +153,35 @@ def test_eval_reports_the_heads_without_changing_the_imagined_frames(
     assert "reward heads" in with_heads["summary_text"]
 
 
+def test_eval_from_a_shorter_context_than_the_models(tiny_run, tiny_dataset, tmp_path):
+    cfg = load_config(
+        "eval",
+        [f"ckpt={tiny_run}", f"data={tiny_dataset}", f"out={tmp_path / 'e'}", "horizon=3", "context=1"]
+        + ["probe_epochs=1", "probe_frames=32", "representation=false"],
+        EvalConfig,
+    )
+    report = run_eval(cfg)
+    assert report["context_frames"] == 1 and report["horizon"] == 3
+    # the rollouts start one frame earlier than the model's 2-frame context would: copy-last repeats
+    # each episode's first frame, and the first frame imagined is the episode's second
+    paths = dict(list_episodes(tiny_dataset))
+    first = [load_episode(paths[i])["frames"] for i in report["episodes"]]
+    assert all(s == 0 for s in report["segment_starts"])
+    real = torch.from_numpy(np.stack([f[1] for f in first])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    copy = torch.from_numpy(np.stack([f[0] for f in first])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mse = (real - copy).pow(2).flatten(1).mean(1)
+    expected = float((10 * torch.log10(4 / mse)).mean())
+    assert report["psnr"]["copy_last"]["per_horizon"]["mean"][0] == pytest.approx(expected, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
         (["horizon=0"], "horizon must be a positive"),
         (["ckpt=/nonexistent"], "no checkpoint"),
         (["split=bogus"], "split must be train, val or all"),
+        (["context=0"], "context must be a whole number of frames from 1 to 2"),
+        (["context=3"], "context must be a whole number of frames from 1 to 2"),
     ],
 )
 def test_eval_bad_input(tiny_run, tiny_dataset, tmp_path, capsys, args, match):
