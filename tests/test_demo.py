@@ -133,6 +133,7 @@ def test_recipe_chains_its_imagined_history_stages(tmp_path):
     stages = [t for _, t in trains[2:]]
     assert [s["imagined_history"] for s in stages] == ["6", "8", "12"]
     assert [s["steps"] for s in stages] == ["3", "4", "5"]
+    assert [s["history"] for s in stages] == ["2", "2", "2"]  # IH_HISTORY's default
     # each stage starts from the one before; heads, eval and export use the last
     assert [s["init"] for s in stages] == [
         "runs/cartpole-swingup-ft",
@@ -163,6 +164,17 @@ def test_recipe_refuses_stage_steps_that_do_not_match(tmp_path):
     assert code == 2
     assert "IH_STEPS=1,2,3" in err and "IH=6,8" in err
     assert not [o for o, t in _train_calls(calls) if "imagined_history" in t]
+    (tmp_path / "calls.log").unlink(missing_ok=True)
+    code, calls, err = _recipe(tmp_path, IH="6,8", IH_HISTORY="2,4,4")
+    assert code == 2
+    assert "IH_HISTORY=2,4,4" in err and "IH=6,8" in err
+
+
+def test_recipe_gives_each_stage_its_context(tmp_path):
+    code, calls, err = _recipe(tmp_path, IH="6,12", IH_STEPS="3,4", IH_HISTORY="2,4")
+    assert code == 0, err
+    stages = [t for _, t in _train_calls(calls) if "imagined_history" in t]
+    assert [(s["imagined_history"], s["history"]) for s in stages] == [("6", "2"), ("12", "4")]
 
 
 def test_demo_picks_the_shipped_model_of_the_env_asked_for(shipped, tmp_path, capsys):
