@@ -214,17 +214,17 @@ def _check_data_matches(model_cfg: dict[str, Any], image: int, action_dim: int, 
 
 
 def _resumed_model_config(
-    saved: dict[str, Any], asked: ModelConfig, ckpt: Path, flag: str = "resume=true"
+    saved: dict[str, Any], asked: ModelConfig, ckpt: Path, flag: str = "resume=true", new_run: bool = False
 ) -> ModelConfig:
     """The checkpoint's architecture. Settings that it predates keep their former defaults (e.g.
     ``mlp_act``); any saved setting that this run's config changes is an error naming them
     (``flag``, the option that reads the checkpoint, is named in it).
 
-    A new run started from another model's weights (``init=``) may train it for another temporal
+    A ``new_run`` started from another model's weights (``init=``) may train it for another temporal
     context (``max_frames``, from ``history`` and ``future``): no weight depends on it, since frames
     are told apart by rotary position only. A resumed run keeps its own."""
     resumed = ModelConfig.from_saved(saved, ckpt)
-    if not flag.startswith("resume"):
+    if new_run:
         resumed = dataclasses.replace(resumed, max_frames=asked.max_frames)
     changed = [
         f"{key}: checkpoint {value!r}, this run {getattr(asked, key)!r}"
@@ -284,7 +284,9 @@ class Trainer:
         )
         if source is not None:
             flag = "resume=true" if resume_from is not None else f"init={cfg.init}"
-            self.model_cfg = _resumed_model_config(saved, self.model_cfg, source, flag)
+            self.model_cfg = _resumed_model_config(
+                saved, self.model_cfg, source, flag, new_run=resume_from is None
+            )
         self.layers = (
             cfg.objective.resolve_layers(self.model_cfg.depth) if cfg.objective.mode == "selfflow" else None
         )
