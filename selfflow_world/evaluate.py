@@ -47,6 +47,7 @@ class EvalConfig(RolloutSettings):
     ridge: float = 1.0
     representation: bool = True  # the linear probe of the physics state from the model's features
     context: int | None = None  # recorded frames each rollout starts from (None: the model's history)
+    per_episode: int = 1  # rollouts per episode, from consecutive non-overlapping segments
 
 
 def _curve(per_episode: torch.Tensor, level: float) -> dict[str, list[float]]:
@@ -353,9 +354,17 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
             f"context must be a whole number of frames from 1 to {window} (the model's window), or null "
             f"for its trained history ({wm.history}); got {cfg.context!r}"
         )
-    # one rollout per validation episode; short splits take several segments per episode, and a
-    # split with fewer than 2 rollouts falls back to all episodes (recorded in the report)
-    seg = load_segments(wm, cfg.data, cfg.split, cfg.episodes, hist, cfg.horizon, per_episode=1, min_rows=2)
+    if isinstance(cfg.per_episode, bool) or not isinstance(cfg.per_episode, int) or cfg.per_episode < 1:
+        raise UserError(
+            f"per_episode must be a whole number of rollouts per episode, 1 or more; got {cfg.per_episode!r}"
+        )
+    # per_episode rollouts from each of the first `episodes` episodes (frames 0, H + T, 2 (H + T), ...);
+    # a split with fewer than 2 rollouts falls back to all episodes, then to up to 8 segments per
+    # episode (recorded in the report)
+    count = cfg.episodes * cfg.per_episode
+    seg = load_segments(
+        wm, cfg.data, cfg.split, count, hist, cfg.horizon, per_episode=cfg.per_episode, min_rows=2
+    )
     if len(seg.infos) < 2:
         seg = load_segments(
             wm, cfg.data, cfg.split, cfg.episodes, hist, cfg.horizon, per_episode=8, min_rows=2

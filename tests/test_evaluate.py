@@ -174,6 +174,29 @@ def test_eval_from_a_shorter_context_than_the_models(tiny_run, tiny_dataset, tmp
     assert report["psnr"]["copy_last"]["per_horizon"]["mean"][0] == pytest.approx(expected, abs=1e-3)
 
 
+def test_eval_takes_several_rollouts_per_episode(tiny_run, tiny_dataset, tmp_path):
+    cfg = load_config(
+        "eval",
+        [f"ckpt={tiny_run}", f"data={tiny_dataset}", f"out={tmp_path / 'e'}", "horizon=3", "split=all"]
+        + ["episodes=2", "per_episode=2", "probe_epochs=1", "probe_frames=32", "representation=false"],
+        EvalConfig,
+    )
+    report = run_eval(cfg)
+    # two episodes, two consecutive non-overlapping segments of 2 context + 3 imagined frames each
+    first, second = report["episodes"][0], report["episodes"][2]
+    assert report["episodes"] == [first, first, second, second]
+    assert report["segment_starts"] == [0, 5, 0, 5]
+    # each rollout's context is its own segment's: copy-last repeats frame start + 1 of the episode
+    paths = dict(list_episodes(tiny_dataset))
+    frames = {i: load_episode(paths[i])["frames"] for i in (first, second)}
+    pairs = list(zip(report["episodes"], report["segment_starts"], strict=True))
+    real = torch.from_numpy(np.stack([frames[i][s + 2] for i, s in pairs])).permute(0, 3, 1, 2).float()
+    copy = torch.from_numpy(np.stack([frames[i][s + 1] for i, s in pairs])).permute(0, 3, 1, 2).float()
+    mse = ((real - copy) / 127.5).pow(2).flatten(1).mean(1)
+    expected = float((10 * torch.log10(4 / mse)).mean())
+    assert report["psnr"]["copy_last"]["per_horizon"]["mean"][0] == pytest.approx(expected, abs=1e-3)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
@@ -182,6 +205,7 @@ def test_eval_from_a_shorter_context_than_the_models(tiny_run, tiny_dataset, tmp
         (["split=bogus"], "split must be train, val or all"),
         (["context=0"], "context must be a whole number of frames from 1 to 2"),
         (["context=3"], "context must be a whole number of frames from 1 to 2"),
+        (["per_episode=0"], "per_episode must be a whole number of rollouts per episode, 1 or more"),
     ],
 )
 def test_eval_bad_input(tiny_run, tiny_dataset, tmp_path, capsys, args, match):
