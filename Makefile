@@ -31,24 +31,32 @@ demo: setup
 # (flow, every target at t = 1), fine-tune (3000 more steps at a lower learning rate), train in
 # stages on its own predictions (reacher-easy: imagined histories of up to 6 and 8 frames, 1200
 # steps each; cartpole-swingup: 6, 8, 12 and 12 frames, 1200, 1600, 1200 and 1600 of a 2000-step
-# schedule, then 1200 steps at 12 with a 4-frame context), heads, probes, evaluate, export.
-# Resumable: rerun to continue. About 3.5 hours on 2 CPU cores for reacher-easy, 5 for cartpole-swingup.
+# schedule, then 1200 steps at 12 with a 4-frame context, 1200 at 8 and 600 of an 800-step
+# schedule at 8 with moving pixels weighted 4x, both at half the learning rate), heads, probes,
+# evaluate, export.
+# Resumable: rerun to continue. About 3.5 hours on 2 CPU cores for reacher-easy, 6 for cartpole-swingup.
 #   make reproduce                                  # reacher-easy
 #   make reproduce MODEL=cartpole-swingup
-# IH / IH_STEPS / IH_HISTORY (the stages' imagined histories, steps and context frames) default to
-# the shipped model's recipe.
+# IH / IH_STEPS / IH_HISTORY / IH_LR / IH_WARMUP / IH_EXTRA (the stages' imagined histories, steps,
+# context frames, learning rates, warmups and further overrides) default to the shipped model's recipe.
 FINETUNE ?= 3000
 IH_reacher-easy := 6,8
 IH_STEPS_reacher-easy := 1200
-IH_cartpole-swingup := 6,8,12,12,12
-IH_STEPS_cartpole-swingup := 1200,1600,1200,2000@1600,1200
-IH_HISTORY_cartpole-swingup := 2,2,2,2,4
+IH_cartpole-swingup := 6,8,12,12,12,8,8
+IH_STEPS_cartpole-swingup := 1200,1600,1200,2000@1600,1200,1200,800@600
+IH_HISTORY_cartpole-swingup := 2,2,2,2,4,4,4
+IH_LR_cartpole-swingup := 1e-4,1e-4,1e-4,1e-4,1e-4,5e-5,5e-5
+IH_WARMUP_cartpole-swingup := 100,100,100,100,100,50,50
+IH_EXTRA_cartpole-swingup := ;;;;;;objective.motion_weight=3
 IH ?= $(or $(IH_$(MODEL)),0)
 # IH given alone: 1200 steps per stage
 IH_STEPS ?= $(if $(filter command line environment,$(origin IH)),1200,$(or $(IH_STEPS_$(MODEL)),1200))
 IH_HISTORY ?= $(if $(filter command line environment,$(origin IH)),2,$(or $(IH_HISTORY_$(MODEL)),2))
+IH_LR ?= $(if $(filter command line environment,$(origin IH)),1e-4,$(or $(IH_LR_$(MODEL)),1e-4))
+IH_WARMUP ?= $(if $(filter command line environment,$(origin IH)),100,$(or $(IH_WARMUP_$(MODEL)),100))
+IH_EXTRA ?= $(if $(filter command line environment,$(origin IH)),,$(IH_EXTRA_$(MODEL)))
 reproduce: setup
-	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) IH=$(IH) IH_STEPS=$(IH_STEPS) IH_HISTORY=$(IH_HISTORY) bash bench/train_default.sh $(MODEL) $(STEPS)
+	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) IH=$(IH) IH_STEPS=$(IH_STEPS) IH_HISTORY=$(IH_HISTORY) IH_LR=$(IH_LR) IH_WARMUP=$(IH_WARMUP) IH_EXTRA="$(IH_EXTRA)" bash bench/train_default.sh $(MODEL) $(STEPS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -18,11 +18,14 @@
 # list, one per stage; default 0 = none), IH_STEPS (their steps, one value or one per stage,
 # default 1200; STEPS@STOP: a STEPS-step schedule stopped at step STOP, `sfw train stop_at=`),
 # IH_HISTORY (context frames of those stages, one value or one per stage, default 2; a stage may
-# lengthen the context of the model it starts from),
+# lengthen the context of the model it starts from), IH_LR and IH_WARMUP (their peak learning rate
+# and warmup steps, one value or one per stage, default 0.0001 and 100), IH_EXTRA (more sfw train
+# overrides per stage, `;`-separated, e.g. ";objective.motion_weight=3": none in the first stage,
+# a motion weight in the second),
 # EVAL_STEPS (sampler steps per imagined frame in the evaluation, default 1). Heads, evaluation and
 # export use the last stage's run. The shipped models:
 #   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8 IH_STEPS=1200,1200 bash bench/train_default.sh reacher-easy 5000
-#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12,12 IH_STEPS=1200,1600,1200,2000@1600,1200 IH_HISTORY=2,2,2,2,4 bash bench/train_default.sh cartpole-swingup 5000
+#   OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12,12,8,8 IH_STEPS=1200,1600,1200,2000@1600,1200,1200,800@600 IH_HISTORY=2,2,2,2,4,4,4 IH_LR=1e-4,1e-4,1e-4,1e-4,1e-4,5e-5,5e-5 IH_WARMUP=100,100,100,100,100,50,50 IH_EXTRA=";;;;;;objective.motion_weight=3" bash bench/train_default.sh cartpole-swingup 5000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
@@ -55,25 +58,34 @@ fi
 IFS=, read -r -a IH_LIST <<< "${IH:-0}"
 IFS=, read -r -a IH_STEP_LIST <<< "${IH_STEPS:-1200}"
 IFS=, read -r -a IH_HISTORY_LIST <<< "${IH_HISTORY:-2}"
+IFS=, read -r -a IH_LR_LIST <<< "${IH_LR:-0.0001}"
+IFS=, read -r -a IH_WARMUP_LIST <<< "${IH_WARMUP:-100}"
+IFS=';' read -r -a IH_EXTRA_LIST <<< "${IH_EXTRA:-}"
+per_stage() {  # NAME COUNT VALUE WHAT: the list must give one value or one per stage
+    if [ "$2" -ne 1 ] && [ "$2" -ne "${#IH_LIST[@]}" ]; then
+        echo "$1=$3 must give one $4, or one per stage of IH=${IH}" >&2
+        exit 2
+    fi
+}
 if [ "${IH_LIST[0]}" -gt 0 ]; then
-    if [ "${#IH_STEP_LIST[@]}" -ne 1 ] && [ "${#IH_STEP_LIST[@]}" -ne "${#IH_LIST[@]}" ]; then
-        echo "IH_STEPS=${IH_STEPS} must give one step count, or one per stage of IH=${IH}" >&2
-        exit 2
-    fi
-    if [ "${#IH_HISTORY_LIST[@]}" -ne 1 ] && [ "${#IH_HISTORY_LIST[@]}" -ne "${#IH_LIST[@]}" ]; then
-        echo "IH_HISTORY=${IH_HISTORY} must give one context length, or one per stage of IH=${IH}" >&2
-        exit 2
-    fi
+    per_stage IH_STEPS "${#IH_STEP_LIST[@]}" "${IH_STEPS:-}" "step count"
+    per_stage IH_HISTORY "${#IH_HISTORY_LIST[@]}" "${IH_HISTORY:-}" "context length"
+    per_stage IH_LR "${#IH_LR_LIST[@]}" "${IH_LR:-}" "learning rate"
+    per_stage IH_WARMUP "${#IH_WARMUP_LIST[@]}" "${IH_WARMUP:-}" "warmup"
     for i in "${!IH_LIST[@]}"; do
         STAGE_STEPS="${IH_STEP_LIST[$i]:-${IH_STEP_LIST[0]}}"
         STAGE_HISTORY="${IH_HISTORY_LIST[$i]:-${IH_HISTORY_LIST[0]}}"
+        STAGE_LR="${IH_LR_LIST[$i]:-${IH_LR_LIST[0]}}"
+        STAGE_WARMUP="${IH_WARMUP_LIST[$i]:-${IH_WARMUP_LIST[0]}}"
+        STAGE_EXTRA="${IH_EXTRA_LIST[$i]:-}"
         STOP="null"
         if [[ "$STAGE_STEPS" == *@* ]]; then STOP="${STAGE_STEPS#*@}"; STAGE_STEPS="${STAGE_STEPS%@*}"; fi
         OUT="runs/$NAME-ih"
         if [ "$i" -gt 0 ]; then OUT="runs/$NAME-ih$((i + 1))"; fi
         $SFW train data="data/$NAME" out="$OUT" init="$RUN" model=small objective="$OBJECTIVE" \
-            steps="$STAGE_STEPS" stop_at="$STOP" history="$STAGE_HISTORY" lr=0.0001 warmup=100 batch_size="$BATCH" imagined_history="${IH_LIST[$i]}" \
-            imagined_share=0.5 resume=true val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-}
+            steps="$STAGE_STEPS" stop_at="$STOP" history="$STAGE_HISTORY" lr="$STAGE_LR" warmup="$STAGE_WARMUP" \
+            batch_size="$BATCH" imagined_history="${IH_LIST[$i]}" imagined_share=0.5 resume=true \
+            val_every=500 ckpt_every=250 sample_every=2500 ${EXTRA:-} $STAGE_EXTRA
         RUN="$OUT"
     done
 fi

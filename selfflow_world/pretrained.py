@@ -29,7 +29,7 @@ HOW_TO_MAKE = (
 # how the shipped models were trained, where it differs from train_default.sh's defaults
 RECIPES = {
     "reacher-easy": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8 IH_STEPS=1200,1200 bash bench/train_default.sh reacher-easy 5000',
-    "cartpole-swingup": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12 IH_STEPS=1200,1600,1200,2000@1600 bash bench/train_default.sh cartpole-swingup 5000',
+    "cartpole-swingup": 'OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=3000 IH=6,8,12,12,12,8,8 IH_STEPS=1200,1600,1200,2000@1600,1200,1200,800@600 IH_HISTORY=2,2,2,2,4,4,4 IH_LR=1e-4,1e-4,1e-4,1e-4,1e-4,5e-5,5e-5 IH_WARMUP=100,100,100,100,100,50,50 IH_EXTRA=";;;;;;objective.motion_weight=3" bash bench/train_default.sh cartpole-swingup 5000',
 }
 
 

@@ -175,6 +175,27 @@ def test_recipe_gives_each_stage_its_context(tmp_path):
     assert code == 0, err
     stages = [t for _, t in _train_calls(calls) if "imagined_history" in t]
     assert [(s["imagined_history"], s["history"]) for s in stages] == [("6", "2"), ("12", "4")]
+    assert [(s["lr"], s["warmup"]) for s in stages] == [("0.0001", "100")] * 2  # the defaults
+
+
+def test_recipe_gives_each_stage_its_schedule_and_overrides(tmp_path):
+    code, calls, err = _recipe(
+        tmp_path,
+        IH="6,8,8",
+        IH_STEPS="3,4,8@6",
+        IH_LR="1e-4,5e-5,5e-5",
+        IH_WARMUP="100,50,50",
+        IH_EXTRA=";;objective.motion_weight=3",
+    )
+    assert code == 0, err
+    stages = [t for _, t in _train_calls(calls) if "imagined_history" in t]
+    assert [(s["lr"], s["warmup"]) for s in stages] == [("1e-4", "100"), ("5e-5", "50"), ("5e-5", "50")]
+    assert [s.get("objective.motion_weight") for s in stages] == [None, None, "3"]
+    assert (stages[2]["steps"], stages[2]["stop_at"]) == ("8", "6")
+    (tmp_path / "calls.log").unlink()
+    code, calls, err = _recipe(tmp_path, IH="6,8", IH_LR="1e-4,5e-5,5e-5")
+    assert code == 2
+    assert "IH_LR=1e-4,5e-5,5e-5 must give one learning rate" in err
 
 
 def test_demo_picks_the_shipped_model_of_the_env_asked_for(shipped, tmp_path, capsys):
