@@ -49,12 +49,14 @@ IH_LR_cartpole-swingup := 1e-4,1e-4,1e-4,1e-4,1e-4,5e-5,5e-5
 IH_WARMUP_cartpole-swingup := 100,100,100,100,100,50,50
 IH_EXTRA_cartpole-swingup := ;;;;;;objective.motion_weight=3
 IH ?= $(or $(IH_$(MODEL)),0)
-# IH given alone: 1200 steps per stage
-IH_STEPS ?= $(if $(filter command line environment,$(origin IH)),1200,$(or $(IH_STEPS_$(MODEL)),1200))
-IH_HISTORY ?= $(if $(filter command line environment,$(origin IH)),2,$(or $(IH_HISTORY_$(MODEL)),2))
-IH_LR ?= $(if $(filter command line environment,$(origin IH)),1e-4,$(or $(IH_LR_$(MODEL)),1e-4))
-IH_WARMUP ?= $(if $(filter command line environment,$(origin IH)),100,$(or $(IH_WARMUP_$(MODEL)),100))
-IH_EXTRA ?= $(if $(filter command line environment,$(origin IH)),,$(IH_EXTRA_$(MODEL)))
+# $(call stage_setting,NAME,DEFAULT): the model's recipe value of NAME; DEFAULT when IH is given
+# alone (e.g. 1200 steps per stage) or the model's recipe has none
+stage_setting = $(if $(filter command line environment,$(origin IH)),$(2),$(or $($(1)_$(MODEL)),$(2)))
+IH_STEPS ?= $(call stage_setting,IH_STEPS,1200)
+IH_HISTORY ?= $(call stage_setting,IH_HISTORY,2)
+IH_LR ?= $(call stage_setting,IH_LR,1e-4)
+IH_WARMUP ?= $(call stage_setting,IH_WARMUP,100)
+IH_EXTRA ?= $(call stage_setting,IH_EXTRA,)
 reproduce: setup
 	OBJECTIVE=flow EXTRA="objective.t_one=1.0" FINETUNE=$(FINETUNE) IH=$(IH) IH_STEPS=$(IH_STEPS) IH_HISTORY=$(IH_HISTORY) IH_LR=$(IH_LR) IH_WARMUP=$(IH_WARMUP) IH_EXTRA="$(IH_EXTRA)" bash bench/train_default.sh $(MODEL) $(STEPS)
 

@@ -153,6 +153,14 @@ def test_eval_reports_the_heads_without_changing_the_imagined_frames(
     assert "reward heads" in with_heads["summary_text"]
 
 
+def _copy_last_psnr_at_1(real_frames, copy_frames) -> float:
+    """Mean PSNR (frames in [-1, 1]) of copying each rollout's last context frame, uint8 (B, h, w, 3)."""
+    real = torch.from_numpy(np.stack(real_frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    copy = torch.from_numpy(np.stack(copy_frames)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mse = (real - copy).pow(2).flatten(1).mean(1)
+    return float((10 * torch.log10(4 / mse)).mean())
+
+
 def test_eval_from_a_shorter_context_than_the_models(tiny_run, tiny_dataset, tmp_path):
     cfg = load_config(
         "eval",
@@ -167,10 +175,7 @@ def test_eval_from_a_shorter_context_than_the_models(tiny_run, tiny_dataset, tmp
     paths = dict(list_episodes(tiny_dataset))
     first = [load_episode(paths[i])["frames"] for i in report["episodes"]]
     assert all(s == 0 for s in report["segment_starts"])
-    real = torch.from_numpy(np.stack([f[1] for f in first])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    copy = torch.from_numpy(np.stack([f[0] for f in first])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    mse = (real - copy).pow(2).flatten(1).mean(1)
-    expected = float((10 * torch.log10(4 / mse)).mean())
+    expected = _copy_last_psnr_at_1([f[1] for f in first], [f[0] for f in first])
     assert report["psnr"]["copy_last"]["per_horizon"]["mean"][0] == pytest.approx(expected, abs=1e-3)
 
 
@@ -190,10 +195,9 @@ def test_eval_takes_several_rollouts_per_episode(tiny_run, tiny_dataset, tmp_pat
     paths = dict(list_episodes(tiny_dataset))
     frames = {i: load_episode(paths[i])["frames"] for i in (first, second)}
     pairs = list(zip(report["episodes"], report["segment_starts"], strict=True))
-    real = torch.from_numpy(np.stack([frames[i][s + 2] for i, s in pairs])).permute(0, 3, 1, 2).float()
-    copy = torch.from_numpy(np.stack([frames[i][s + 1] for i, s in pairs])).permute(0, 3, 1, 2).float()
-    mse = ((real - copy) / 127.5).pow(2).flatten(1).mean(1)
-    expected = float((10 * torch.log10(4 / mse)).mean())
+    expected = _copy_last_psnr_at_1(
+        [frames[i][s + 2] for i, s in pairs], [frames[i][s + 1] for i, s in pairs]
+    )
     assert report["psnr"]["copy_last"]["per_horizon"]["mean"][0] == pytest.approx(expected, abs=1e-3)
 
 
