@@ -2,8 +2,9 @@
 # Everything a short GPU lease should measure, in one go (the project's packages must be importable):
 #   1. training-step cost of flow / dts / selfflow (bench_train.py) on `small`, bf16, with achieved
 #      TFLOP/s against the card's peak (and `base` near the end);
-#   2. a short `small` selfflow training run on dmc/reacher-easy, sized to TRAIN_SECONDS from the
-#      measured step time, and `sfw eval` of it (1-step sampling; 4-step at the end) against copy-last;
+#   2. a short `small` training run on dmc/reacher-easy with the default objective (flow, every
+#      target at t = 1, as the shipped models), sized to TRAIN_SECONDS from the measured step time,
+#      and `sfw eval` of it (1-step sampling; 4-step at the end) against copy-last;
 #   3. the imagination table (bench_imagine.py) of that checkpoint against the simulator.
 # The most wanted figures come first, so a lease that runs out still returns them.
 # Usage: bash bench/gpu_report.sh OUTDIR [TRAIN_SECONDS]
@@ -40,11 +41,11 @@ bench_train() {
 }
 bench_train "$model"  # also sizes the training run below
 
-# training steps that fit the budget, from the measured selfflow step (validation/checkpoints ~15 %)
-s_step=$(awk '$1 == "selfflow" && $2 + 0 > 0 {print $2; exit}' "$work/bench_train_$model.txt" 2>/dev/null)
+# training steps that fit the budget, from the measured flow step (validation/checkpoints ~15 %)
+s_step=$(awk '$1 == "flow" && $2 + 0 > 0 {print $2; exit}' "$work/bench_train_$model.txt" 2>/dev/null)
 steps=$(python3 -c "print(max(200, int(0.85 * $budget / float('${s_step:-1}')) // 100 * 100))")
-stamp "train $model selfflow $steps steps (measured ${s_step:-?} s/step)"
-timeout $((budget + 120)) sfw train data="$work/data" model="$model" objective=selfflow steps="$steps" \
+stamp "train $model flow $steps steps (measured ${s_step:-?} s/step)"
+timeout $((budget + 120)) sfw train data="$work/data" model="$model" objective=flow steps="$steps" \
     batch_size="$batch" lr=0.0004 warmup=300 num_workers=4 device="$device" out="$work/run" \
     val_every=500 ckpt_every=500 sample_every=1000000 tensorboard=false 2>&1 | tr '\r' '\n' | grep -v "^train: " | tail -n 40
 cp "$work/run/metrics.csv" "$out/train_metrics.csv" 2>/dev/null
