@@ -136,6 +136,23 @@ def motion_use(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, re
     }
 
 
+def simulator_motion_use(
+    env, infos, start_states: np.ndarray, actions: np.ndarray, nxt: np.ndarray, ctx: np.ndarray
+):
+    """The simulator's own motion use, the reference for :func:`motion_use`'s ratio: restored at
+    rest in each rollout's last context pose (every joint velocity zeroed) and stepped with the
+    same first action, how far its next frame moves from the one it reaches with the real motion
+    (``nxt``, the replayed first frames), over the same true frame change. A model that reads
+    motion from its history as the simulator uses velocity scores about this."""
+    at_rest = np.array(start_states, copy=True)
+    at_rest[:, 1 + env.nq : 1 + env.nq + env.nv] = 0.0
+    still, _ = replay(env, infos, at_rest, actions[:, :1])
+    real_next, last = to_float(nxt[:, 0]), to_float(ctx[:, -1])
+    truth = float((real_next - last).abs().mean())
+    change = float((to_float(still[:, 0]) - real_next).abs().mean())
+    return {"simulator_ratio": change / truth if truth > 0 else float("nan")}
+
+
 @dataclass
 class StateMap:
     """Physics state vector -> what a probe can see: qpos (with each unlimited hinge angle as its
@@ -453,6 +470,7 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
                 },
                 "replay_matches_recording": bool(np.array_equal(check, real)),
             }
+            report["history_use"].update(simulator_motion_use(env, infos, start_states, fut_act, check, ctx))
     finally:
         env.close()
 
@@ -756,7 +774,12 @@ def report_markdown(report: dict) -> str:
     lines.append(
         f"Motion use: replacing the context by a still one (every frame the last) changes the one-step "
         f"prediction from pure noise by {hu['mean_abs_change']:.4f} (mean |diff|, [-1, 1] units) where the "
-        f"true frame changes by {hu['true_frame_change']:.4f}: ratio {hu['ratio']:.2f} (copy-last scores 0)."
+        f"true frame changes by {hu['true_frame_change']:.4f}: ratio {hu['ratio']:.2f} (copy-last scores 0"
+        + (
+            f"; the simulator, restored at rest in the last context pose, {hu['simulator_ratio']:.2f})."
+            if "simulator_ratio" in hu
+            else ")."
+        )
     )
     if "replay" in report:
         r = report["replay"]

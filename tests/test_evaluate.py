@@ -118,6 +118,7 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     assert "Following actions" in md and "action-following ratio" in saved["summary_text"]
     # copy-last scores 0 on motion use by construction; the figure is finite with a 2-frame context
     assert saved["history_use"]["true_frame_change"] > 0
+    assert saved["history_use"]["simulator_ratio"] > 0  # the simulator's next frame depends on velocity
     for plot in saved["plots"]:
         assert (out / plot).stat().st_size > 1000
     md = (out / "report.md").read_text()
@@ -225,3 +226,29 @@ def test_imagine_dataset_of_other_size_is_refused(tiny_run, tmp_path, collect_co
     collect(collect_config(other, size=32, episodes=2), progress=False)
     assert main(["imagine", f"ckpt={tiny_run}", f"data={other}", f"out={tmp_path / 'i'}"]) == 2
     assert "model expects (16, 16, 3)" in capsys.readouterr().err
+
+
+def test_simulator_motion_use_is_zero_at_rest_and_positive_in_motion(tiny_dataset):
+    """The motion-use reference zeroes the joint velocities of the restored pose: from a pose that is
+    already at rest it reproduces the real next frame (0), from a moving one it does not (> 0)."""
+    from selfflow_world.envs import make_like
+    from selfflow_world.episodes import inspect_episode, read_manifest
+    from selfflow_world.evaluate import replay, simulator_motion_use
+
+    index, path = list_episodes(tiny_dataset)[0]
+    info, arrays = inspect_episode(index, path), load_episode(path)
+    env = make_like(read_manifest(tiny_dataset))
+    try:
+        k = 6  # a frame in mid-motion under the coloured-noise policy
+        moving = np.asarray(arrays["states"][k : k + 1], dtype=np.float64)
+        assert np.abs(moving[0, 1 + env.nq : 1 + env.nq + env.nv]).max() > 0
+        actions = np.asarray(arrays["actions"][k : k + 2], dtype=np.float32)[None]
+        ctx = np.asarray(arrays["frames"][k : k + 1])[None]  # the last context frame
+        nxt, _ = replay(env, [info], moving, actions)
+        assert simulator_motion_use(env, [info], moving, actions, nxt, ctx)["simulator_ratio"] > 0.05
+        at_rest = moving.copy()
+        at_rest[:, 1 + env.nq : 1 + env.nq + env.nv] = 0.0
+        nxt_rest, _ = replay(env, [info], at_rest, actions)
+        assert simulator_motion_use(env, [info], at_rest, actions, nxt_rest, ctx)["simulator_ratio"] == 0.0
+    finally:
+        env.close()
