@@ -73,6 +73,10 @@ class ObjectiveConfig:
     teacher_layer: int | None = None  # k, 1-based; None: round(0.7 * depth)
     gamma: float = 0.8  # weight of the representation loss
     history_noise: float = 0.0  # history frames get t_hist ~ U[0, history_noise]
+    # share of clips whose context actions (those that led into the history frames; never the
+    # target's) are replaced by 0 (normalised: the middle of the bounds), so that the motion in the
+    # history must be read from the frames
+    context_action_dropout: float = 0.0
     ema_decay: float = 0.999  # teacher EMA decay after warm-up
     ema_warmup: int = 10000  # steps over which the EMA window grows linearly to 1 / (1 - ema_decay);
     # keep it >= 10 / (1 - ema_decay): the EMA then averages at most ~the last 10% of the run so far
@@ -99,6 +103,10 @@ class ObjectiveConfig:
                 + (" plus self-distillation" if self.mode == "selfflow" else "")
                 + "; use t_one < 1 (e.g. 0.25) for Dual-Timestep Scheduling to act",
                 stacklevel=2,
+            )
+        if not 0.0 <= self.context_action_dropout <= 1.0:
+            raise UserError(
+                f"objective context_action_dropout must be in [0, 1], got {self.context_action_dropout!r}"
             )
         if not self.motion_weight >= 0:
             raise UserError(f"objective motion_weight must be >= 0, got {self.motion_weight!r}")
@@ -371,6 +379,10 @@ def compute_loss(
     if cfg.t_one > 0:  # drawn only when asked, so runs without it keep their random stream
         at_one = _rand((b,), generator, device) < cfg.t_one
         t, s = torch.where(at_one, 1.0, t), torch.where(at_one, 1.0, s)
+    if cfg.context_action_dropout > 0 and history > 0:  # drawn only when asked, like t_one
+        dropped = _rand((b,), generator, device) < cfg.context_action_dropout
+        in_context = torch.arange(total, device=device) < history
+        actions = actions.masked_fill((dropped[:, None] & in_context[None, :])[..., None], 0.0)
 
     if cfg.mode == "flow":
         use_s = torch.zeros_like(use_s)

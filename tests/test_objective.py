@@ -339,3 +339,35 @@ def test_imagined_history_settings_are_checked():
         imagined_history_batch(model, batch, history=HISTORY, imagined=1, share=0.5, generator=gen)
     with pytest.raises(UserError, match="share in"):
         imagined_history_batch(model, batch, history=1, imagined=1, share=1.5, generator=gen)
+
+
+class ActionRecorder(Recorder):
+    """Also keeps the actions of each call."""
+
+    def forward(self, x, t, actions, prev, **kwargs):
+        self.actions = actions.detach().clone()
+        return super().forward(x, t, actions, prev, **kwargs)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_context_action_dropout_zeroes_only_the_context_actions_of_dropped_clips(share):
+    batch = tiny_batch()
+    model = ActionRecorder(tiny_model())
+    cfg = ObjectiveConfig(mode="flow", context_action_dropout=share)
+    compute_loss(model, batch, cfg, torch.Generator().manual_seed(0), history=HISTORY)
+    seen, given = model.actions, batch["actions"]
+    assert torch.equal(seen[:, HISTORY:], given[:, HISTORY:])  # the target's action is always seen
+    dropped = seen[:, :HISTORY].eq(0).flatten(1).all(1)
+    kept = torch.equal(seen[~dropped], given[~dropped])
+    assert kept and dropped.sum() == {0.0: 0, 1.0: B}.get(share, dropped.sum())
+    if share == 1.0:  # the same loss as clips whose context actions were zero to begin with
+        zeroed = {
+            **batch,
+            "actions": torch.cat([torch.zeros_like(given[:, :HISTORY]), given[:, HISTORY:]], 1),
+        }
+        off = ObjectiveConfig(mode="flow")
+        a = compute_loss(tiny_model(), batch, cfg, torch.Generator().manual_seed(0), history=HISTORY)[0]
+        b = compute_loss(tiny_model(), zeroed, off, torch.Generator().manual_seed(0), history=HISTORY)[0]
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="context_action_dropout"):
+        ObjectiveConfig(context_action_dropout=1.5)
