@@ -136,23 +136,6 @@ def motion_use(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, re
     }
 
 
-def simulator_motion_use(
-    env, infos, start_states: np.ndarray, actions: np.ndarray, nxt: np.ndarray, ctx: np.ndarray
-):
-    """The simulator's own motion use, the reference for :func:`motion_use`'s ratio: restored at
-    rest in each rollout's last context pose (every joint velocity zeroed) and stepped with the
-    same first action, how far its next frame moves from the one it reaches with the real motion
-    (``nxt``, the replayed first frames), over the same true frame change. A model that reads
-    motion from its history as the simulator uses velocity scores about this."""
-    at_rest = np.array(start_states, copy=True)
-    at_rest[:, 1 + env.nq : 1 + env.nq + env.nv] = 0.0
-    still, _ = replay(env, infos, at_rest, actions[:, :1])
-    real_next, last = to_float(nxt[:, 0]), to_float(ctx[:, -1])
-    truth = float((real_next - last).abs().mean())
-    change = float((to_float(still[:, 0]) - real_next).abs().mean())
-    return {"simulator_ratio": change / truth if truth > 0 else float("nan")}
-
-
 @dataclass
 class StateMap:
     """Physics state vector -> what a probe can see: qpos (with each unlimited hinge angle as its
@@ -169,11 +152,22 @@ class StateMap:
             s = states.double()
         else:
             s = torch.from_numpy(np.array(states, dtype=np.float64))  # a copy: states may be a read-only mmap
-        qpos, qvel = s[..., 1 : 1 + self.nq], s[..., 1 + self.nq : 1 + self.nq + self.nv]  # [0] is time
+        qpos, qvel = s[..., 1 : 1 + self.nq], s[..., self.qvel]  # [0] is time
         keep = [i for i in range(self.nq) if i not in self.wrapped]
         angles = qpos[..., self.wrapped]
         parts = [qpos[..., keep], angles.sin(), angles.cos()] + ([qvel] if self.velocities else [])
         return torch.cat(parts, -1).float()
+
+    @property
+    def qvel(self) -> slice:
+        """Where the joint velocities sit in a full physics state."""
+        return slice(1 + self.nq, 1 + self.nq + self.nv)
+
+    def at_rest(self, states: np.ndarray) -> np.ndarray:
+        """A copy of ``(..., state_size)`` physics states with every joint velocity zeroed."""
+        out = np.array(states, copy=True)
+        out[..., self.qvel] = 0.0
+        return out
 
     def episode_labels(self, info, arrays) -> torch.Tensor:
         """What the probe reads off each frame of one recorded episode, ``(T+1, dim)``."""
@@ -183,6 +177,27 @@ class StateMap:
     def description(self) -> str:
         text = f"qpos ({self.nq - len(self.wrapped)} raw, {len(self.wrapped)} unlimited hinge angles as sin and cos)"
         return text + (f" + qvel ({self.nv})" if self.velocities else "")
+
+
+def simulator_motion_use(
+    env,
+    infos,
+    state_map: StateMap,
+    start_states: np.ndarray,
+    actions: np.ndarray,
+    nxt: np.ndarray,
+    ctx: np.ndarray,
+):
+    """The simulator's own motion use, the reference for :func:`motion_use`'s ratio: restored at
+    rest in each rollout's last context pose (every joint velocity zeroed) and stepped with the
+    same first action, how far its next frame moves from the one it reaches with the real motion
+    (``nxt``, the replayed first frames), over the same true frame change. A model that reads
+    motion from its history as the simulator uses velocity scores about this."""
+    still, _ = replay(env, infos, state_map.at_rest(start_states), actions[:, :1])
+    real_next, last = to_float(nxt[:, 0]), to_float(ctx[:, -1])
+    truth = float((real_next - last).abs().mean())
+    change = float((to_float(still[:, 0]) - real_next).abs().mean())
+    return {"simulator_ratio": change / truth if truth > 0 else float("nan")}
 
 
 @dataclass
@@ -470,7 +485,9 @@ def run_eval(cfg: EvalConfig, wm=None) -> dict:
                 },
                 "replay_matches_recording": bool(np.array_equal(check, real)),
             }
-            report["history_use"].update(simulator_motion_use(env, infos, start_states, fut_act, check, ctx))
+            report["history_use"].update(
+                simulator_motion_use(env, infos, state_map, start_states, fut_act, check, ctx)
+            )
     finally:
         env.close()
 

@@ -233,11 +233,12 @@ def test_simulator_motion_use_is_zero_at_rest_and_positive_in_motion(tiny_datase
     already at rest it reproduces the real next frame (0), from a moving one it does not (> 0)."""
     from selfflow_world.envs import make_like
     from selfflow_world.episodes import inspect_episode, read_manifest
-    from selfflow_world.evaluate import replay, simulator_motion_use
+    from selfflow_world.evaluate import StateMap, replay, simulator_motion_use
 
     index, path = list_episodes(tiny_dataset)[0]
     info, arrays = inspect_episode(index, path), load_episode(path)
     env = make_like(read_manifest(tiny_dataset))
+    state_map = StateMap(env.nq, env.nv, env.wrapped_qpos())
     try:
         k = 6  # a frame in mid-motion under the coloured-noise policy
         moving = np.asarray(arrays["states"][k : k + 1], dtype=np.float64)
@@ -245,10 +246,15 @@ def test_simulator_motion_use_is_zero_at_rest_and_positive_in_motion(tiny_datase
         actions = np.asarray(arrays["actions"][k : k + 2], dtype=np.float32)[None]
         ctx = np.asarray(arrays["frames"][k : k + 1])[None]  # the last context frame
         nxt, _ = replay(env, [info], moving, actions)
-        assert simulator_motion_use(env, [info], moving, actions, nxt, ctx)["simulator_ratio"] > 0.05
+        assert (
+            simulator_motion_use(env, [info], state_map, moving, actions, nxt, ctx)["simulator_ratio"] > 0.05
+        )
         at_rest = moving.copy()
         at_rest[:, 1 + env.nq : 1 + env.nq + env.nv] = 0.0
         nxt_rest, _ = replay(env, [info], at_rest, actions)
-        assert simulator_motion_use(env, [info], at_rest, actions, nxt_rest, ctx)["simulator_ratio"] == 0.0
+        assert (
+            simulator_motion_use(env, [info], state_map, at_rest, actions, nxt_rest, ctx)["simulator_ratio"]
+            == 0.0
+        )
     finally:
         env.close()
