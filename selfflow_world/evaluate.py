@@ -696,6 +696,40 @@ def _fmt(d: dict[str, float], digits: int = 2) -> str:
     return f"{d['mean']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
+def bar_parts(report: dict) -> list[str]:
+    """The action-following bar read off an evaluation report, one line per part, each saying met or
+    missed: following ratio >= 0.5 at horizons 1 and 8 with its interval above 0; PSNR above
+    copy-last at every horizon (the paired interval above 0); probed state error at 8 at most 3x
+    the probe's floor, under the recorded actions and under every alternative."""
+    h = report["horizon"]
+    at8 = min(8, h) - 1
+    parts = []
+    if "counterfactual" in report:
+        f = report["counterfactual"]["following_ratio"]["per_horizon"]
+        ok = all(f["mean"][k] >= 0.5 and f["low"][k] > 0 for k in (0, at8))
+        parts.append(
+            f"following ratio >= 0.5 at 1 and {at8 + 1}: {'met' if ok else 'missed'} "
+            f"({f['mean'][0]:.2f} [{f['low'][0]:.2f}, {f['high'][0]:.2f}], "
+            f"{f['mean'][at8]:.2f} [{f['low'][at8]:.2f}, {f['high'][at8]:.2f}])"
+        )
+    g = report["psnr_gain_over_copy_last"]["per_horizon"]
+    above = [k + 1 for k in range(h) if g["low"][k] > 0]
+    parts.append(
+        f"PSNR above copy-last at every horizon: {'met' if len(above) == h else 'missed'} (interval above 0 "
+        f"at {len(above)} of {h} horizons; mean gain {g['mean'][0]:+.2f} dB @1, {g['mean'][h - 1]:+.2f} dB @{h})"
+    )
+    errors = {"recorded actions": report["state_probe"]["model"]["relative_to_floor_per_horizon"][at8]}
+    for name, alt in report.get("counterfactual", {}).get("per_alternative", {}).items():
+        errors[name.replace("_", " ")] = alt["state_error_relative_to_floor_per_horizon"][at8]
+    ok = all(v <= 3 for v in errors.values())
+    parts.append(
+        f"state error @{at8 + 1} <= 3x floor: {'met' if ok else 'missed'} ("
+        + ", ".join(f"{k} {v:.2f}x" for k, v in errors.items())
+        + f"; copy-last {report['state_probe']['copy_last']['relative_to_floor_per_horizon'][at8]:.2f}x)"
+    )
+    return parts
+
+
 def summary_text(report: dict) -> str:
     lines = [
         f"eval of {report['checkpoint']} (step {report['step']}) on {len(report['episodes'])} rollouts "
@@ -734,6 +768,7 @@ def summary_text(report: dict) -> str:
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
         f"{s['model']['relative_to_floor_per_horizon'][0]:.2f}, {s['model']['relative_to_floor_per_horizon'][-1]:.2f}"
     )
+    lines += ["  the action-following bar:"] + [f"    {p}" for p in bar_parts(report)]
     if "heads" in report:
         im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
         lines.append(
@@ -846,6 +881,7 @@ def report_markdown(report: dict) -> str:
             )
             + ".",
         ]
+    lines += ["  the action-following bar:"] + [f"    {p}" for p in bar_parts(report)]
     if "heads" in report:
         im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
         mae = im["reward_mae_per_horizon"]["mean"]

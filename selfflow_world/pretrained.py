@@ -113,32 +113,11 @@ def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
 
 
 def bar_lines(report: dict) -> list[str]:
-    """The action-following bar read off a held-out evaluation report, part by part: following
-    ratio >= 0.5 at horizons 1 and 8 with its interval above 0, PSNR above copy-last at every
-    horizon (paired interval), probed state error at 8 at most 3x the probe's floor."""
-    h = report["horizon"]
-    at8 = min(8, h) - 1
-    parts = []
-    if "counterfactual" in report:
-        f = report["counterfactual"]["following_ratio"]["per_horizon"]
-        ok = all(f["mean"][k] >= 0.5 and f["low"][k] > 0 for k in (0, at8))
-        parts.append(
-            f"following ratio >= 0.5 at 1 and {at8 + 1}: {'met' if ok else 'missed'} "
-            f"({f['mean'][0]:.2f} [{f['low'][0]:.2f}, {f['high'][0]:.2f}], "
-            f"{f['mean'][at8]:.2f} [{f['low'][at8]:.2f}, {f['high'][at8]:.2f}])"
-        )
-    g = report["psnr_gain_over_copy_last"]["per_horizon"]
-    above = [k + 1 for k in range(h) if g["low"][k] > 0]
-    parts.append(
-        f"PSNR above copy-last at every horizon: {'met' if len(above) == h else 'missed'} (interval above 0 "
-        f"at {len(above)} of {h} horizons; mean gain {g['mean'][0]:+.2f} dB @1, {g['mean'][h - 1]:+.2f} dB @{h})"
-    )
-    state = report["state_probe"]["model"]["relative_to_floor_per_horizon"][at8]
-    parts.append(
-        f"state error @{at8 + 1} <= 3x floor: {'met' if state <= 3 else 'missed'} ({state:.2f}x; copy-last "
-        f"{report['state_probe']['copy_last']['relative_to_floor_per_horizon'][at8]:.2f}x)"
-    )
-    return ["", "The action-following bar on these episodes:", "", *[f"- {p}" for p in parts]]
+    """The action-following bar read off a held-out evaluation report, part by part
+    (:func:`selfflow_world.evaluate.bar_parts`), as a model card's list."""
+    from selfflow_world.evaluate import bar_parts
+
+    return ["", "The action-following bar on these episodes:", "", *[f"- {p}" for p in bar_parts(report)]]
 
 
 def heads_lines(heads: dict) -> list[str]:

@@ -93,6 +93,7 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     report = run_eval(cfg)
     saved = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
+    assert "state error @4 <= 3x floor" in saved["summary_text"]  # the bar, in what `sfw eval` prints
     assert REPORT_KEYS <= set(saved)
     assert set(saved["psnr"]) == {"model", "copy_last", "untrained"}
     assert len(saved["psnr"]["model"]["per_horizon"]["mean"]) == report["horizon"] == 4
@@ -258,3 +259,49 @@ def test_simulator_motion_use_is_zero_at_rest_and_positive_in_motion(tiny_datase
         )
     finally:
         env.close()
+
+
+def _bar_report(ratio8=0.9, gain_low=0.1, state8=2.5, alt8=(2.0, 2.2)):
+    """A minimal evaluation report, 8 frames ahead, with the figures the bar reads."""
+    h = 8
+    curve = lambda mean, low: {"mean": [mean] * h, "low": [low] * h, "high": [mean + 0.1] * h}  # noqa: E731
+    ratio = curve(0.8, 0.7)
+    ratio["mean"][7], ratio["low"][7] = ratio8, ratio8 - 0.1
+    gain = curve(1.0, 0.5)
+    gain["low"][5] = gain_low
+    per_alt = {
+        name: {"state_error_relative_to_floor_per_horizon": [1.0] * 7 + [v]}
+        for name, v in zip(("other_episode", "uniform"), alt8, strict=True)
+    }
+    return {
+        "horizon": h,
+        "counterfactual": {"following_ratio": {"per_horizon": ratio}, "per_alternative": per_alt},
+        "psnr_gain_over_copy_last": {"per_horizon": gain},
+        "state_probe": {
+            "model": {"relative_to_floor_per_horizon": [1.0] * 7 + [state8]},
+            "copy_last": {"relative_to_floor_per_horizon": [1.0] * 7 + [3.3]},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "change, missed",
+    [
+        ({}, None),
+        ({"ratio8": 0.45}, "following ratio"),
+        ({"gain_low": -0.01}, "PSNR above copy-last"),
+        ({"state8": 3.01}, "state error"),
+        ({"alt8": (2.0, 3.2)}, "state error"),  # an alternative's error counts like the recorded one's
+    ],
+)
+def test_bar_parts_say_which_part_is_missed(change, missed):
+    from selfflow_world.evaluate import bar_parts
+
+    parts = bar_parts(_bar_report(**change))
+    assert len(parts) == 3
+    for part in parts:
+        assert part.split(":")[1].split()[0] == ("missed" if missed and part.startswith(missed) else "met"), (
+            part
+        )
+    state = parts[2]
+    assert "recorded actions" in state and "other episode" in state and "uniform" in state
