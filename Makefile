@@ -34,7 +34,8 @@ demo: setup
 # schedule, then 1200 steps at 12 with a 4-frame context, 1200 at 8 and 600 of an 800-step
 # schedule at 8 with moving pixels weighted 4x, both at half the learning rate), heads, probes,
 # evaluate, export.
-# Resumable: rerun to continue. About 3.5 hours on 2 CPU cores for reacher-easy, 6 for cartpole-swingup.
+# Resumable: rerun to continue. About 3.5 hours on 2 CPU cores with AVX512-BF16 for reacher-easy, 6 for
+# cartpole-swingup (CPUs without native bf16 train in float32, about 1.8x slower).
 #   make reproduce                                  # reacher-easy
 #   make reproduce MODEL=cartpole-swingup
 # IH / IH_STEPS / IH_HISTORY / IH_LR / IH_WARMUP / IH_EXTRA (the stages' imagined histories, steps,
