@@ -24,6 +24,7 @@ import json
 import torch
 
 from selfflow_world.action_following import one_step_prediction
+from selfflow_world.evaluate import one_step_inputs
 from selfflow_world.imagine import load_segments
 from selfflow_world.runtime import autocast
 from selfflow_world.video import to_float
@@ -34,14 +35,9 @@ from selfflow_world.world_model import WorldModel
 def context_use(wm, data: str, episodes: int, per_episode: int, seed: int) -> dict:
     seg = load_segments(wm, data, "all", episodes * per_episode, wm.history, 2, per_episode=per_episode)
     device = wm.device
-    context = to_float(seg.context).to(device)
-    ctx_a = wm.normalize_actions(torch.from_numpy(seg.context_actions).to(device))
-    action = wm.normalize_actions(torch.from_numpy(seg.actions[:, 0]).to(device))
+    context, ctx_a, action, noise = one_step_inputs(wm, seg.context, seg.context_actions, seg.actions, seed)
     target = to_float(seg.real[:, 0]).to(device).float()
     last = context[:, -1].float()
-    noise = torch.randn(
-        context[:, 0].shape, generator=torch.Generator(device).manual_seed(seed), device=device
-    )
     inputs = {
         "as_recorded": (context, ctx_a, action),
         "still_frames": (context[:, -1:].expand_as(context).contiguous(), ctx_a, action),

@@ -102,6 +102,18 @@ def alternative_actions(
     return {"other_episode": shuffled, "uniform": uniform, "zero": zero}
 
 
+def one_step_inputs(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, seed: int):
+    """What a one-step prediction after each rollout's context takes, on ``wm``'s device: the context
+    frames in [-1, 1], its normalised actions, the normalised first future action and noise drawn
+    from ``seed``."""
+    context = to_float(ctx).to(wm.device)
+    ctx_a = wm.normalize_actions(torch.from_numpy(ctx_act).to(wm.device))
+    action = wm.normalize_actions(torch.from_numpy(actions[:, 0]).to(wm.device))
+    gen = torch.Generator(wm.device).manual_seed(seed)
+    noise = torch.randn(context[:, 0].shape, generator=gen, device=wm.device)
+    return context, ctx_a, action, noise
+
+
 @torch.no_grad()
 def motion_use(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, real: np.ndarray, seed: int):
     """Does the model use the motion in its history, beyond the last frame? One-step clean-frame
@@ -115,11 +127,7 @@ def motion_use(wm, ctx: np.ndarray, ctx_act: np.ndarray, actions: np.ndarray, re
     from selfflow_world.action_following import one_step_prediction
 
     model = wm.model
-    context = to_float(ctx).to(wm.device)
-    ctx_a = wm.normalize_actions(torch.from_numpy(ctx_act).to(wm.device))
-    action = wm.normalize_actions(torch.from_numpy(actions[:, 0]).to(wm.device))
-    gen = torch.Generator(wm.device).manual_seed(seed)
-    noise = torch.randn(context[:, 0].shape, generator=gen, device=wm.device)
+    context, ctx_a, action, noise = one_step_inputs(wm, ctx, ctx_act, actions, seed)
     nxt = to_float(real[:, 0]).to(wm.device)
     truth = float((nxt - context[:, -1]).abs().mean())
     if context.shape[1] < 2:
@@ -730,6 +738,11 @@ def bar_parts(report: dict) -> list[str]:
     return parts
 
 
+def bar_markdown(report: dict) -> list[str]:
+    """:func:`bar_parts` as a Markdown list (the evaluation report's and the model cards')."""
+    return ["", "The action-following bar on these episodes:", "", *[f"- {p}" for p in bar_parts(report)]]
+
+
 def summary_text(report: dict) -> str:
     lines = [
         f"eval of {report['checkpoint']} (step {report['step']}) on {len(report['episodes'])} rollouts "
@@ -881,7 +894,7 @@ def report_markdown(report: dict) -> str:
             )
             + ".",
         ]
-    lines += ["  the action-following bar:"] + [f"    {p}" for p in bar_parts(report)]
+    lines += bar_markdown(report)
     if "heads" in report:
         im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
         mae = im["reward_mae_per_horizon"]["mean"]

@@ -112,14 +112,6 @@ def export(ckpt: str | Path, dest: str | Path, card: str = "") -> Path:
     return dest
 
 
-def bar_lines(report: dict) -> list[str]:
-    """The action-following bar read off a held-out evaluation report, part by part
-    (:func:`selfflow_world.evaluate.bar_parts`), as a model card's list."""
-    from selfflow_world.evaluate import bar_parts
-
-    return ["", "The action-following bar on these episodes:", "", *[f"- {p}" for p in bar_parts(report)]]
-
-
 def heads_lines(heads: dict) -> list[str]:
     """What a model card says about the reward heads, from their ``heads.json``."""
     held = heads.get("held_out", {})
@@ -166,6 +158,8 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str, heads:
         f"| reproduce | `{RECIPES.get(name, HOW_TO_MAKE.format(name=name))}` |",
     ]
     if report:
+        from selfflow_world.evaluate import bar_markdown
+
         picks = [h for h in (1, 8, 16) if h <= report["horizon"]]
         lines += [
             "",
@@ -214,7 +208,7 @@ def model_card(name: str, meta: dict, report: dict | None, hardware: str, heads:
                 + ", ".join(f"@{h} {e[h - 1]:.2f}" for h in picks)
                 + "."
             )
-        lines += bar_lines(report)
+        lines += bar_markdown(report)
     if heads:
         lines += heads_lines(heads)
     return "\n".join(lines) + "\n"

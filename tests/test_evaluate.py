@@ -94,6 +94,7 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     saved = json.loads((out / "report.json").read_text())
     md = (out / "report.md").read_text()
     assert "state error @4 <= 3x floor" in saved["summary_text"]  # the bar, in what `sfw eval` prints
+    assert "\n- state error @4 <= 3x floor" in md  # and as a list in the report
     assert REPORT_KEYS <= set(saved)
     assert set(saved["psnr"]) == {"model", "copy_last", "untrained"}
     assert len(saved["psnr"]["model"]["per_horizon"]["mean"]) == report["horizon"] == 4
