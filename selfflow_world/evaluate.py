@@ -781,7 +781,11 @@ def summary_text(report: dict) -> str:
         f"  state error / probe floor at 1 and {report['horizon']} frames: "
         f"{s['model']['relative_to_floor_per_horizon'][0]:.2f}, {s['model']['relative_to_floor_per_horizon'][-1]:.2f}"
     )
-    lines += ["  the action-following bar:"] + [f"    {p}" for p in bar_parts(report)]
+    n = len(report["episodes"])
+    few = " (few rollouts give wide intervals; the bar is meant for 20 or more)" if n < 20 else ""
+    lines += [f"  the action-following bar on these {n} rollouts{few}:"] + [
+        f"    {p}" for p in bar_parts(report)
+    ]
     if "heads" in report:
         im, rf = report["heads"]["imagined"], report["heads"]["recorded_frames"]
         lines.append(

@@ -12,7 +12,7 @@ from selfflow_world.cli import main
 from selfflow_world.clips import per_frame as per_frame_actions
 from selfflow_world.config import load_config
 from selfflow_world.episodes import list_episodes, load_episode
-from selfflow_world.evaluate import EvalConfig, run_eval
+from selfflow_world.evaluate import EvalConfig, run_eval, summary_text
 from selfflow_world.model import WorldDiT
 
 REPORT_KEYS = {
@@ -95,6 +95,10 @@ def test_eval_writes_documented_report(tiny_run, tiny_dataset, tmp_path):
     md = (out / "report.md").read_text()
     assert "state error @4 <= 3x floor" in saved["summary_text"]  # the bar, in what `sfw eval` prints
     assert "\n- state error @4 <= 3x floor" in md  # and as a list in the report
+    n = len(saved["episodes"])  # the printed bar says over how many rollouts, and warns when few
+    assert f"bar on these {n} rollouts (few rollouts give wide intervals" in saved["summary_text"]
+    many = summary_text({**saved, "episodes": list(range(20))})
+    assert "bar on these 20 rollouts:" in many and "few rollouts" not in many
     assert REPORT_KEYS <= set(saved)
     assert set(saved["psnr"]) == {"model", "copy_last", "untrained"}
     assert len(saved["psnr"]["model"]["per_horizon"]["mean"]) == report["horizon"] == 4
