@@ -704,6 +704,11 @@ def _fmt(d: dict[str, float], digits: int = 2) -> str:
     return f"{d['mean']:.{digits}f} [{d['low']:.{digits}f}, {d['high']:.{digits}f}]"
 
 
+# rollouts the action-following bar is read over in BENCHMARKS.md (`sfw eval ... episodes=20`); the
+# printed summary says when a report has fewer, whose intervals are wider
+BAR_ROLLOUTS = 20
+
+
 def bar_parts(report: dict) -> list[str]:
     """The action-following bar read off an evaluation report, one line per part, each saying met or
     missed: following ratio >= 0.5 at horizons 1 and 8 with its interval above 0; PSNR above
@@ -782,7 +787,11 @@ def summary_text(report: dict) -> str:
         f"{s['model']['relative_to_floor_per_horizon'][0]:.2f}, {s['model']['relative_to_floor_per_horizon'][-1]:.2f}"
     )
     n = len(report["episodes"])
-    few = " (few rollouts give wide intervals; the bar is meant for 20 or more)" if n < 20 else ""
+    few = (
+        f" (few rollouts give wide intervals; the bar is meant for {BAR_ROLLOUTS} or more)"
+        if n < BAR_ROLLOUTS
+        else ""
+    )
     lines += [f"  the action-following bar on these {n} rollouts{few}:"] + [
         f"    {p}" for p in bar_parts(report)
     ]
